@@ -1,0 +1,19 @@
+"""A tiny randomly initialised Llama-architecture model for tests (no checkpoint)."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = "tiny"
+    config.model = ml_collections.ConfigDict()
+    # "random": build the architecture below with random weights (seeded).
+    config.model.source = "random"
+    config.model.seed = 0
+    config.model.dtype = "float32"
+    config.model.arch = ml_collections.ConfigDict(dict(
+        model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=True,
+    ))
+    return config

@@ -1,0 +1,14 @@
+"""rtpurbo_jax: RTPurbo sparse attention for pretrained Llama-family models, in JAX.
+
+    import rtpurbo_jax
+    model = rtpurbo_jax.load()                      # the embedded default model
+    ids = model.tokenizer("The passkey is", return_tensors="np").input_ids
+    logits = model(ids)                             # [batch, seq, vocab]
+    new_tokens = model.generate(ids, max_new_tokens=20)
+"""
+
+from rtpurbo_jax.api import SparseModel, load
+from rtpurbo_jax.config import ConfigError, ModelConfig
+from rtpurbo_jax.hf import CheckpointError
+
+__all__ = ["CheckpointError", "ConfigError", "ModelConfig", "SparseModel", "load"]

@@ -1,0 +1,157 @@
+"""Model configuration parsed from a Hugging Face config, and the sparse (RTPurbo) configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# "factors" divides each frequency by a given factor (how GGUF files store Llama 3 scaling).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "factors")
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid or unsupported; the message says which field and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and hyper-parameters of a decoder-only Llama-family transformer.
+
+    Built from a Hugging Face `config.json` dict with `ModelConfig.from_hf`. Frozen and hashable so
+    it can be a static argument of jitted functions.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # Sorted (key, value) pairs of the rope scaling dict; () means plain RoPE.
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.family not in SUPPORTED_FAMILIES:
+            raise ConfigError(
+                f"unsupported architecture family {self.family!r}; supported: {SUPPORTED_FAMILIES}"
+            )
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                      "num_kv_heads", "head_dim"):
+            if getattr(self, field) <= 0:
+                raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"unsupported rope type {self.rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}"
+            )
+
+    @property
+    def rope_type(self) -> str:
+        return str(self.rope_scaling_dict.get("rope_type", "default"))
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any]:
+        return dict(self.rope_scaling)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (the GQA ratio)."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], name: str = "") -> ModelConfig:
+        """Parses a Hugging Face config dict (`config.json` or `PretrainedConfig.to_dict()`).
+
+        Handles both the transformers 4 layout (`rope_theta` + `rope_scaling`) and the
+        transformers 5 layout (`rope_parameters`).
+        """
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_FAMILIES:
+            archs = hf.get("architectures")
+            raise ConfigError(
+                f"unsupported model_type {model_type!r} (architectures={archs}); "
+                f"supported: {SUPPORTED_FAMILIES}"
+            )
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            if key not in hf:
+                raise ConfigError(f"config is missing the required field {key!r}")
+        if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+            raise ConfigError(f"{model_type} with use_sliding_window=True is not supported")
+        num_heads = int(hf["num_attention_heads"])
+        head_dim = hf.get("head_dim") or int(hf["hidden_size"]) // num_heads
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        if "factors" in rope:
+            rope["factors"] = tuple(rope["factors"])
+        if rope.get("rope_type", "default") == "default":
+            rope = {}
+        elif "original_max_position_embeddings" not in rope and "factors" not in rope:
+            rope["original_max_position_embeddings"] = hf.get("max_position_embeddings")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError("partial rotary embeddings are not supported")
+        rope.pop("partial_rotary_factor", None)
+        eos = hf.get("eos_token_id")
+        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list | tuple) else (eos,)
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            family=model_type,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=tuple(sorted(rope.items())),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases and no output bias; the others follow attention_bias.
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type != "qwen2" and attention_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            # Qwen configs carry a sliding_window that only applies with use_sliding_window.
+            sliding_window=None if model_type.startswith("qwen") else hf.get("sliding_window"),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+            name=name or str(hf.get("_name_or_path", "")),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        fields = json.loads(text)
+        fields["rope_scaling"] = tuple(
+            (k, tuple(v) if isinstance(v, list) else v) for k, v in fields["rope_scaling"])
+        fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+        return cls(**fields)

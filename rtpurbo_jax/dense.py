@@ -1,0 +1,124 @@
+"""Dense causal attention: the jnp reference, and cuDNN where the GPU can run it.
+
+Both follow one mask convention, shared with the sparse kernels:
+  q: [batch, q_len, heads, head_dim] at absolute positions q_positions [batch, q_len];
+  k, v: [batch, kv_len, kv_heads, head_dim] at positions 0 .. kv_len-1;
+  key j is visible to a query at position p iff j <= p and j < kv_lengths[b] (and, with a sliding
+  window w, j > p - w); a query with p >= kv_lengths[b] is padding and outputs 0.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Queries per step of the reference: bounds its memory to [batch, heads, chunk, kv_len] scores.
+REFERENCE_Q_CHUNK = 512
+
+
+def _scale(head_dim: int, sm_scale: float | None) -> float:
+    return head_dim**-0.5 if sm_scale is None else sm_scale
+
+
+def visible_keys(
+    q_positions: jax.Array, kv_len: int, kv_lengths: jax.Array, sliding_window: int | None
+) -> jax.Array:
+    """[batch, q_len, kv_len] bool: which keys each query may attend to."""
+    kpos = jnp.arange(kv_len)[None, None, :]
+    qpos = q_positions[:, :, None]
+    mask = (kpos <= qpos) & (kpos < kv_lengths[:, None, None])
+    if sliding_window is not None:
+        mask &= kpos > qpos - sliding_window
+    return mask
+
+
+def masked_softmax_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sm_scale: float
+) -> jax.Array:
+    """Exact attention under an explicit mask, float32 softmax; rows with no key output 0.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
+    mask: [batch, kv_heads or 1, q_len, kv_len] bool (per KV group, or shared). Output like q.
+    """
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, h // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores * sm_scale, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    probs = jnp.exp(scores - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    denom = jnp.sum(probs, axis=-1, keepdims=True)
+    probs = probs / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def dense_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    kv_lengths: jax.Array,
+    *,
+    sliding_window: int | None = None,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """Dense attention in chunks of queries (see the module docstring for the mask)."""
+    b, t, h, d = q.shape
+    scale = _scale(d, sm_scale)
+    chunk = min(t, REFERENCE_Q_CHUNK)
+    num_chunks = -(-t // chunk)
+    pad = num_chunks * chunk - t
+    # Padded queries get a position past every length, so they come out as zeros.
+    big = jnp.iinfo(jnp.int32).max
+    q_pad = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    pos_pad = jnp.pad(q_positions, ((0, 0), (0, pad)), constant_values=big)
+
+    def one_chunk(i: jax.Array) -> jax.Array:
+        qc = jax.lax.dynamic_slice_in_dim(q_pad, i * chunk, chunk, axis=1)
+        pc = jax.lax.dynamic_slice_in_dim(pos_pad, i * chunk, chunk, axis=1)
+        mask = visible_keys(pc, k.shape[1], kv_lengths, sliding_window)
+        mask &= (pc < kv_lengths[:, None])[:, :, None]
+        return masked_softmax_attention(qc, k, v, mask[:, None], scale)
+
+    out = jax.lax.map(one_chunk, jnp.arange(num_chunks))  # [chunks, b, chunk, h, d]
+    return jnp.moveaxis(out, 0, 1).reshape(b, num_chunks * chunk, h, d)[:, :t]
+
+
+def cudnn_supported(q: jax.Array) -> bool:
+    """cuDNN's fused attention runs on NVIDIA GPUs in half precision only."""
+    return q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu"
+
+
+def dense_attention_cudnn(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    kv_lengths: jax.Array,
+    *,
+    causal_from_zero: bool,
+    sliding_window: int | None = None,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """cuDNN attention for the two shapes the model uses.
+
+    causal_from_zero=True: prefill, queries at positions 0 .. q_len-1 over the same keys.
+    causal_from_zero=False: one query per row at position kv_lengths[b]-1 (decode): every valid
+    key is visible, so no causal mask is needed.
+    """
+    scale = _scale(q.shape[-1], sm_scale)
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=causal_from_zero,
+        query_seq_lengths=kv_lengths if causal_from_zero else None,
+        key_value_seq_lengths=kv_lengths,
+        local_window_size=window,
+        implementation="cudnn",
+    )
+    valid = q_positions < kv_lengths[:, None]
+    return jnp.where(valid[:, :, None, None], out, jnp.zeros_like(out))

@@ -1,0 +1,156 @@
+"""Forward pass, prefill and decode with a KV cache, sampling, and the generation loop.
+
+All functions are pure; `generate` is one jitted program (prefill, then a while loop of decode
+steps that stops early once every row has produced an end-of-sequence token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from rtpurbo_jax.attention import decode_attend, prefill_attend
+from rtpurbo_jax.cache import Cache, empty_cache
+from rtpurbo_jax.config import ModelConfig
+from rtpurbo_jax.model import Params, decoder, lm_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is drawn. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def _positions(batch: int, seq: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "backend"))
+def forward(
+    params: Params, tokens: jax.Array, lengths: jax.Array, config: ModelConfig, backend: str
+) -> jax.Array:
+    """Logits of every position. tokens: [batch, seq] right-padded; lengths: [batch].
+
+    Returns float32 [batch, seq, vocab]; positions past a row's length hold padding garbage.
+    """
+    b, t = tokens.shape
+    attend = prefill_attend(config, lengths, backend)
+    no_cache = [None] * config.num_layers
+    hidden, _ = decoder(params, tokens, _positions(b, t), config, attend, no_cache)
+    return lm_logits(params, hidden, config)
+
+
+def last_valid(hidden: jax.Array, lengths: jax.Array) -> jax.Array:
+    """hidden: [batch, seq, embed] -> [batch, embed] at position lengths[b]-1."""
+    index = jnp.maximum(lengths - 1, 0)[:, None, None]
+    return jnp.take_along_axis(hidden, index, axis=1)[:, 0]
+
+
+def prefill(
+    params: Params,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    config: ModelConfig,
+    max_len: int,
+    backend: str,
+) -> tuple[jax.Array, Cache]:
+    """Runs the prompt and fills a cache of max_len positions.
+
+    Returns (logits of each row's last prompt token [batch, vocab], cache).
+    """
+    b, t = tokens.shape
+    cache = empty_cache(b, max_len, config.num_layers, config.num_kv_heads, config.head_dim,
+                        params["embed"].dtype)
+    attend = prefill_attend(config, lengths, backend)
+    hidden, layers = decoder(params, tokens, _positions(b, t), config, attend, cache["layers"])
+    logits = lm_logits(params, last_valid(hidden, lengths), config)
+    return logits, {"layers": layers, "lengths": lengths.astype(jnp.int32)}
+
+
+def decode_step(
+    params: Params, cache: Cache, tokens: jax.Array, config: ModelConfig, backend: str
+) -> tuple[jax.Array, Cache]:
+    """Appends one token per row. tokens: [batch]. Returns (logits [batch, vocab], cache)."""
+    lengths = cache["lengths"]
+    attend = decode_attend(config, lengths, backend)
+    hidden, layers = decoder(params, tokens[:, None], lengths[:, None], config, attend,
+                             cache["layers"])
+    return lm_logits(params, hidden[:, 0], config), {"layers": layers, "lengths": lengths + 1}
+
+
+def sample(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """logits: [batch, vocab] float32 -> tokens [batch] int32."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None:
+        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p is not None:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it
+        # is still below top_p.
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff_index = jnp.sum(mass_before < sampling.top_p, axis=-1, keepdims=True) - 1
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_ids", "pad_id",
+                              "backend")
+)
+def generate(
+    params: Params,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    key: jax.Array,
+    *,
+    config: ModelConfig,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    backend: str,
+) -> jax.Array:
+    """Generates up to max_new_tokens per row after a right-padded prompt.
+
+    tokens: [batch, prompt_len]; lengths: [batch]. Returns [batch, max_new_tokens] int32: each row's
+    new tokens, its end-of-sequence token included, then pad_id.
+    """
+    b, t = tokens.shape
+    logits, cache = prefill(params, tokens, lengths, config, t + max_new_tokens, backend)
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, done = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, logits, cache, out, done = carry
+        token = sample(logits, jax.random.fold_in(key, step), sampling)
+        token = jnp.where(done, pad_id, token)
+        out = out.at[:, step].set(token)
+        done = done | jnp.isin(token, eos)
+        logits, cache = decode_step(params, cache, token, config, backend)
+        return step + 1, logits, cache, out, done
+
+    carry = (jnp.int32(0), logits, cache, out, jnp.zeros((b,), bool))
+    return jax.lax.while_loop(cond, body, carry)[3]

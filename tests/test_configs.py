@@ -1,0 +1,45 @@
+"""The config files load, and their architectures are what they claim."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from rtpurbo_jax.api import check_arch, load_from_config
+from rtpurbo_jax.config import ConfigError, ModelConfig
+
+CONFIGS = ("tiny", "smollm2_135m", "llama_1m")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_parses(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert config.name == name
+    ModelConfig.from_hf(config.model.arch.to_dict())
+
+
+def test_tiny_builds_a_random_model():
+    config = importlib.import_module("configs.tiny").get_config()
+    model = load_from_config(config.model)
+    assert model.config.num_layers == config.model.arch.num_hidden_layers
+    assert model([[1, 2, 3]]).shape == (1, 3, config.model.arch.vocab_size)
+
+
+def test_default_config_matches_default_model(default_model):
+    arch = importlib.import_module("configs.smollm2_135m").get_config().model.arch
+    check_arch(ModelConfig.from_hf(arch.to_dict()), default_model.config)
+
+
+def test_llama_1m_shapes():
+    arch = ModelConfig.from_hf(importlib.import_module("configs.llama_1m").get_config()
+                               .model.arch.to_dict())
+    assert (arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.head_dim) == (32, 32, 8, 128)
+    assert arch.max_position_embeddings == 1 << 20
+    assert arch.rope_theta == 3580165449.0
+
+
+def test_architecture_mismatch_is_refused(default_model):
+    arch = importlib.import_module("configs.llama_1m").get_config().model.arch
+    with pytest.raises(ConfigError, match="num_layers: config 32, checkpoint 30"):
+        check_arch(ModelConfig.from_hf(arch.to_dict()), default_model.config)
