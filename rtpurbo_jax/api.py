@@ -13,7 +13,13 @@ import numpy as np
 from rtpurbo_jax import generate as gen
 from rtpurbo_jax.assets import DEFAULT_MODEL_NAME, default_model_path
 from rtpurbo_jax.attention import check_backend
-from rtpurbo_jax.config import ConfigError, ModelConfig
+from rtpurbo_jax.checkpoint import (
+    SparseCheckpointError,
+    export_safetensors,
+    load_sparse,
+    save_sparse,
+)
+from rtpurbo_jax.config import ConfigError, ModelConfig, SparseConfig
 from rtpurbo_jax.hf import load_checkpoint
 from rtpurbo_jax.model import Params, init_params
 
@@ -64,7 +70,8 @@ class SparseModel:
     """A loaded model: dense, or RTPurbo-sparse once a sparse checkpoint is attached.
 
     Attributes: config (ModelConfig), params (a plain pytree), tokenizer (transformers tokenizer
-    or None), fingerprint (of the base weights), backend ("reference" | "pallas" | "auto").
+    or None), fingerprint (of the base weights), backend ("reference" | "pallas" | "auto"),
+    sparse (SparseConfig or None: dense) and indexer (the indexer params pytree or None).
     """
 
     def __init__(
@@ -74,13 +81,36 @@ class SparseModel:
         tokenizer: Any = None,
         fingerprint: str = "",
         backend: str = "auto",
+        sparse: SparseConfig | None = None,
+        indexer: dict[str, Any] | None = None,
     ) -> None:
         check_backend(backend)
+        if sparse is not None:
+            sparse.check_model(config)
+            if sparse.scorer == "indexer" and indexer is None:
+                raise ConfigError("a sparse model with the 'indexer' scorer needs indexer params")
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
         self.backend = backend
+        self.sparse = sparse
+        self.indexer = indexer
+
+    def with_sparse(
+        self, sparse: SparseConfig | None, indexer: dict[str, Any] | None = None
+    ) -> SparseModel:
+        """The same base model with another sparse configuration (None: dense)."""
+        indexer = self.indexer if indexer is None else indexer
+        return SparseModel(self.config, self.params, self.tokenizer, self.fingerprint,
+                           self.backend, sparse, indexer if sparse is not None else None)
+
+    def save_sparse(self, path: str | os.PathLike[str], safetensors: bool = False) -> None:
+        """Writes the sparse checkpoint (Orbax, or safetensors + JSON for other frameworks)."""
+        if self.sparse is None:
+            raise ValueError("this model is dense: there is no sparse checkpoint to save")
+        write = export_safetensors if safetensors else save_sparse
+        write(path, self.sparse, self.indexer, self.config.name, self.fingerprint)
 
     def _check_length(self, total: int) -> None:
         limit = self.config.max_position_embeddings
@@ -98,8 +128,9 @@ class SparseModel:
         """
         tokens, lengths = right_pad(input_ids, lengths, attention_mask)
         self._check_length(tokens.shape[1])
-        return gen.forward(self.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                           self.config, self.backend)
+        logits, _ = gen.forward(self.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                self.config, self.backend, self.sparse, self.indexer)
+        return logits
 
     def generate(
         self,
@@ -130,10 +161,10 @@ class SparseModel:
             eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         sampling = gen.SamplingConfig(temperature, top_k, top_p)
-        out = gen.generate(
+        out, _ = gen.generate(
             self.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
             config=self.config, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos,
-            pad_id=pad, backend=self.backend,
+            pad_id=pad, backend=self.backend, sparse=self.sparse, indexer=self.indexer,
         )
         return np.asarray(out)
 
@@ -141,22 +172,33 @@ class SparseModel:
 def load(
     source: str | os.PathLike[str] | None = None,
     *,
+    sparse: str | os.PathLike[str] | None = None,
     dtype: Any = jnp.float32,
     backend: str = "auto",
     with_tokenizer: bool = True,
 ) -> SparseModel:
-    """Loads a model.
+    """Loads a model, dense or (with `sparse`, a sparse checkpoint directory) RTPurbo-sparse.
 
     source: a Hugging Face hub id ("org/name"), a local directory with config.json and
     *.safetensors (sharded with an index too), a .gguf file, or None for the embedded default
-    model (SmolLM2-135M-Instruct, fetched once into the cache directory).
+    model (SmolLM2-135M-Instruct, fetched once into the cache directory). A sparse checkpoint
+    made for another base model is refused.
     """
     check_backend(backend)
     name = None
     if source is None:
         source, name = default_model_path(), DEFAULT_MODEL_NAME
     config, params, tokenizer, fingerprint = load_checkpoint(source, dtype, with_tokenizer, name)
-    return SparseModel(config, params, tokenizer, fingerprint, backend)
+    model = SparseModel(config, params, tokenizer, fingerprint, backend)
+    if sparse is None:
+        return model
+    sparse_config, indexer, base = load_sparse(sparse)
+    if base["fingerprint"] != fingerprint:
+        raise SparseCheckpointError(
+            f"sparse checkpoint {sparse} was made for base model {base['name']!r} (weights "
+            f"fingerprint {base['fingerprint'][:12]}), not for {config.name!r} (fingerprint "
+            f"{fingerprint[:12]})")
+    return model.with_sparse(sparse_config, indexer)
 
 
 # ModelConfig fields that a config file's `model.arch` pins down, checked against the checkpoint.

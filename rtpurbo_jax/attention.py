@@ -1,8 +1,11 @@
-"""Attention of one layer, routed per KV head, for a whole sequence (prefill) or one step (decode).
+"""Attention of one layer, routed per KV head, for a whole prompt (prefill) or one step (decode).
 
-The model calls attention only through `prefill_attention` and `decode_attention`; `backend`
-picks the implementation: "reference" (pure jnp, any device), "pallas" (the kernels), or "auto"
-(the fastest available on this device).
+Retrieval KV groups (all of them in a dense model) attend densely over the causal prefix; every
+other group attends only to the key blocks its selection chose, all of a group's query heads
+sharing one selection. Each layer splits its heads once into those two sets.
+
+`backend` picks the implementations: "reference" (pure jnp, any device), "pallas" (the Pallas
+kernels; interpreted when there is no GPU) or "auto" (cuDNN + Pallas on GPU, reference elsewhere).
 """
 
 from __future__ import annotations
@@ -11,11 +14,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from rtpurbo_jax.cache import write_rows
-from rtpurbo_jax.config import ModelConfig
+from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_reference
+from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_reference
+from rtpurbo_jax.cache import layer_groups, write_parts
+from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.dense import cudnn_supported, dense_attention_cudnn, dense_attention_reference
+from rtpurbo_jax.indexer import indexer_keys
 from rtpurbo_jax.model import AttendFn
+from rtpurbo_jax.selection import select_decode, select_prefill, selection_stats
 
 BACKENDS = ("reference", "pallas", "auto")
 
@@ -25,17 +33,20 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
 def _use_cudnn(q: jax.Array, backend: str) -> bool:
     return backend != "reference" and cudnn_supported(q)
 
 
+def _use_pallas(backend: str) -> bool:
+    return backend == "pallas" or (backend == "auto" and _on_gpu())
+
+
 def dense_prefill(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    lengths: jax.Array,
-    *,
-    backend: str,
+    q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, backend: str,
     sliding_window: int | None = None,
 ) -> jax.Array:
     """Causal attention of a right-padded batch over itself.
@@ -50,12 +61,7 @@ def dense_prefill(
 
 
 def dense_decode(
-    q: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    lengths: jax.Array,
-    *,
-    backend: str,
+    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *, backend: str,
     sliding_window: int | None = None,
 ) -> jax.Array:
     """One query per row at position lengths[b]-1 over the cache.
@@ -71,36 +77,145 @@ def dense_decode(
                                      sliding_window=sliding_window)
 
 
-def prefill_attend(config: ModelConfig, lengths: jax.Array, backend: str) -> AttendFn:
+def _query_heads(groups: tuple[int, ...], group_size: int) -> np.ndarray:
+    return np.array([g * group_size + j for g in groups for j in range(group_size)], np.int32)
+
+
+def _take(x: jax.Array, index: np.ndarray) -> jax.Array:
+    """x[:, :, index] along the head axis; no copy when index is every head in order."""
+    if len(index) == x.shape[2] and (index == np.arange(x.shape[2])).all():
+        return x
+    return x[:, :, index]
+
+
+def _merge_heads(parts: list[tuple[np.ndarray, jax.Array]], num_heads: int) -> jax.Array:
+    """Reassembles [b, t, heads_i, d] pieces whose head indices are given into head order."""
+    if len(parts) == 1:
+        return parts[0][1]
+    index = np.concatenate([i for i, _ in parts])
+    out = jnp.concatenate([x for _, x in parts], axis=2)
+    return out[:, :, np.argsort(index)]
+
+
+def _zero_stats() -> jax.Array:
+    return jnp.zeros((2,), jnp.float32)
+
+
+def layer_prefill(
+    q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, layer: int,
+    config: ModelConfig, sparse: SparseConfig | None, layer_indexer: dict[str, jax.Array],
+    backend: str,
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+    """One layer's attention over a right-padded prompt starting at position 0.
+
+    Returns (out like q, the cache parts {k, v, ks, vs, ki} of this prompt, selection stats
+    [selected blocks, candidate blocks]).
+    """
+    dense, sparse_groups = layer_groups(config, sparse, layer)
+    g_size = config.group_size
+    pieces, cache_parts, stats = [], {}, _zero_stats()
+    if dense:
+        heads, kv = _query_heads(dense, g_size), np.array(dense, np.int32)
+        kd, vd = _take(k, kv), _take(v, kv)
+        pieces.append((heads, dense_prefill(_take(q, heads), kd, vd, lengths, backend=backend,
+                                            sliding_window=config.sliding_window)))
+        cache_parts.update(k=kd, v=vd)
+    if sparse_groups:
+        heads, kv = _query_heads(sparse_groups, g_size), np.array(sparse_groups, np.int32)
+        qs, ks, vs = _take(q, heads), _take(k, kv), _take(v, kv)
+        ki = indexer_keys(ks, layer_indexer["wk"]) if sparse.scorer == "indexer" else None
+        indices, counts = select_prefill(qs, ks, ki, lengths, sparse, layer_indexer)
+        kwargs = dict(block_q=sparse.block_q, block_k=sparse.block_k, lengths=lengths)
+        if _use_pallas(backend):
+            out = sparse_attention(qs, ks, vs, indices, counts, interpret=not _on_gpu(), **kwargs)
+        else:
+            out = sparse_attention_reference(qs, ks, vs, indices, counts, **kwargs)
+        pieces.append((heads, out))
+        cache_parts.update(ks=ks, vs=vs)
+        if ki is not None:
+            cache_parts["ki"] = ki
+        stats = selection_stats(counts, jnp.zeros_like(lengths), lengths, q.shape[1], sparse)
+    return _merge_heads(pieces, config.num_heads), cache_parts, stats
+
+
+def layer_decode(
+    q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: dict[str, jax.Array],
+    lengths: jax.Array, layer: int, config: ModelConfig, sparse: SparseConfig | None,
+    layer_indexer: dict[str, jax.Array], backend: str,
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+    """One new token per row: writes its k/v at position lengths[b], then attends.
+
+    q: [b, 1, heads, d]; k, v: [b, 1, kv_heads, d]; lengths: [b], filled positions before this
+    step. Returns (out like q, the updated layer cache, selection stats).
+    """
+    dense, sparse_groups = layer_groups(config, sparse, layer)
+    g_size = config.group_size
+    parts: dict[str, jax.Array] = {}
+    if dense:
+        kv = np.array(dense, np.int32)
+        parts.update(k=_take(k, kv), v=_take(v, kv))
+    if sparse_groups:
+        kv = np.array(sparse_groups, np.int32)
+        parts.update(ks=_take(k, kv), vs=_take(v, kv))
+        if "ki" in layer_cache:
+            parts["ki"] = indexer_keys(parts["ks"], layer_indexer["wk"])
+    cache = write_parts(layer_cache, parts, lengths)
+    new_lengths = lengths + 1
+    pieces, stats = [], _zero_stats()
+    if dense:
+        heads = _query_heads(dense, g_size)
+        pieces.append((heads, dense_decode(_take(q, heads), cache["k"], cache["v"], new_lengths,
+                                           backend=backend, sliding_window=config.sliding_window)))
+    if sparse_groups:
+        heads = _query_heads(sparse_groups, g_size)
+        qs = _take(q, heads)
+        indices, counts = select_decode(qs, cache["ks"], cache.get("ki"), new_lengths, sparse,
+                                        layer_indexer)
+        args = (qs[:, 0], cache["ks"], cache["vs"], indices[:, :, 0], counts[:, :, 0],
+                new_lengths)
+        if _use_pallas(backend):
+            out = sparse_decode(*args, block_k=sparse.block_k, interpret=not _on_gpu())
+        else:
+            out = sparse_decode_reference(*args, block_k=sparse.block_k)
+        pieces.append((heads, out[:, None]))
+        stats = selection_stats(counts, lengths, new_lengths, 1, sparse)
+    return _merge_heads(pieces, config.num_heads), cache, stats
+
+
+def prefill_attend(
+    config: ModelConfig, lengths: jax.Array, backend: str, sparse: SparseConfig | None = None,
+    indexer: dict[str, Any] | None = None,
+) -> AttendFn:
     """An `attend` for a right-padded prompt starting at position 0.
 
-    The layer state is the layer's cache dict (k and v are written at positions 0 .. seq-1), or
-    None for a forward pass without a cache.
+    The layer state going in is the layer's cache dict (filled at positions 0 .. seq-1), or None
+    for a forward pass without a cache; coming out it is {"cache": ..., "stats": ...}.
     """
 
     def attend(i: int, q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: Any):
-        out = dense_prefill(q, k, v, lengths, backend=backend,
-                            sliding_window=config.sliding_window)
+        layer_indexer = indexer["layers"][i] if indexer is not None else {}
+        out, parts, stats = layer_prefill(q, k, v, lengths, i, config, sparse, layer_indexer,
+                                          backend)
         if layer_cache is not None:
-            starts = jnp.zeros_like(lengths)
-            layer_cache = {**layer_cache, "k": write_rows(layer_cache["k"], k, starts),
-                           "v": write_rows(layer_cache["v"], v, starts)}
-        return out, layer_cache
+            layer_cache = write_parts(layer_cache, parts, jnp.zeros_like(lengths))
+        return out, {"cache": layer_cache, "stats": stats}
 
     return attend
 
 
-def decode_attend(config: ModelConfig, lengths: jax.Array, backend: str) -> AttendFn:
+def decode_attend(
+    config: ModelConfig, lengths: jax.Array, backend: str, sparse: SparseConfig | None = None,
+    indexer: dict[str, Any] | None = None,
+) -> AttendFn:
     """An `attend` for one new token per row, written at position lengths[b] of the cache.
 
     lengths: [batch], the filled positions before this step.
     """
 
     def attend(i: int, q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: Any):
-        k_cache = write_rows(layer_cache["k"], k, lengths)
-        v_cache = write_rows(layer_cache["v"], v, lengths)
-        out = dense_decode(q, k_cache, v_cache, lengths + 1, backend=backend,
-                           sliding_window=config.sliding_window)
-        return out, {**layer_cache, "k": k_cache, "v": v_cache}
+        layer_indexer = indexer["layers"][i] if indexer is not None else {}
+        out, cache, stats = layer_decode(q, k, v, layer_cache, lengths, i, config, sparse,
+                                         layer_indexer, backend)
+        return out, {"cache": cache, "stats": stats}
 
     return attend

@@ -155,3 +155,113 @@ class ModelConfig:
             (k, tuple(v) if isinstance(v, list) else v) for k, v in fields["rope_scaling"])
         fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
         return cls(**fields)
+
+
+SELECTION_MODES = ("top_p", "top_k")
+# Where block scores come from: the trained indexer, the model's true attention (an upper bound
+# for any indexer), or nowhere (only the forced sink and local blocks).
+SCORERS = ("indexer", "oracle", "none")
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    """What turns a dense model into an RTPurbo one.
+
+    retrieval_mask[layer][kv_head] is True for KV heads (GQA groups) that keep full attention;
+    every other group attends to the key blocks its indexer selects. Blocks are `block_k` keys;
+    in prefill a query block of `block_q` tokens shares one selection. The first `sink_blocks`
+    blocks and the last `local_blocks` causal blocks are always kept; then either top-p (the
+    smallest set whose indexer mass reaches `top_p`) or top-k (`top_k_blocks` blocks in all),
+    clamped to [min_blocks, max_blocks] (max_blocks None: no cap). The indexer projects each
+    group's queries and keys to `rank` dims; its logits are scaled by 1 / temperature. `scorer`
+    says what ranks the blocks (see SCORERS).
+    """
+
+    retrieval_mask: tuple[tuple[bool, ...], ...]
+    rank: int = 16
+    top_p: float = 0.9
+    block_q: int = 64
+    block_k: int = 64
+    sink_blocks: int = 1
+    local_blocks: int = 2
+    min_blocks: int = 0
+    max_blocks: int | None = None
+    temperature: float = 1.0
+    selection: str = "top_p"
+    top_k_blocks: int | None = None
+    scorer: str = "indexer"
+
+    def __post_init__(self) -> None:
+        mask = tuple(tuple(bool(x) for x in row) for row in self.retrieval_mask)
+        object.__setattr__(self, "retrieval_mask", mask)
+        if not mask or len({len(row) for row in mask}) != 1 or not mask[0]:
+            raise ConfigError("retrieval_mask must be a non-empty [layers][kv_heads] grid")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.rank <= 0:
+            raise ConfigError(f"rank must be positive, got {self.rank}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        for name in ("block_q", "block_k"):
+            if not _is_power_of_two(getattr(self, name)):
+                raise ConfigError(f"{name} must be a power of two, got {getattr(self, name)}")
+        if self.sink_blocks < 0 or self.local_blocks < 1:
+            raise ConfigError("sink_blocks must be >= 0 and local_blocks >= 1 (the diagonal "
+                              f"block), got {self.sink_blocks} and {self.local_blocks}")
+        if self.min_blocks < 0:
+            raise ConfigError(f"min_blocks must be >= 0, got {self.min_blocks}")
+        forced = self.sink_blocks + self.local_blocks
+        if self.max_blocks is not None and self.max_blocks < max(forced, self.min_blocks):
+            raise ConfigError(f"max_blocks ({self.max_blocks}) must be >= sink_blocks + "
+                              f"local_blocks ({forced}) and >= min_blocks ({self.min_blocks})")
+        if self.selection not in SELECTION_MODES:
+            raise ConfigError(f"selection must be one of {SELECTION_MODES}, got {self.selection!r}")
+        if self.selection == "top_k" and (self.top_k_blocks is None or self.top_k_blocks < 1):
+            raise ConfigError("selection 'top_k' needs top_k_blocks >= 1")
+        if self.scorer not in SCORERS:
+            raise ConfigError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.retrieval_mask)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.retrieval_mask[0])
+
+    def retrieval_groups(self, layer: int) -> tuple[int, ...]:
+        """KV heads of `layer` that keep full attention."""
+        return tuple(g for g, dense in enumerate(self.retrieval_mask[layer]) if dense)
+
+    def sparse_groups(self, layer: int) -> tuple[int, ...]:
+        """KV heads of `layer` that attend to selected blocks."""
+        return tuple(g for g, dense in enumerate(self.retrieval_mask[layer]) if not dense)
+
+    @property
+    def retrieval_fraction(self) -> float:
+        cells = [x for row in self.retrieval_mask for x in row]
+        return sum(cells) / len(cells)
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raises ConfigError unless this config fits `model`."""
+        shape = (model.num_layers, model.num_kv_heads)
+        if (self.num_layers, self.num_kv_heads) != shape:
+            raise ConfigError(f"retrieval_mask is [{self.num_layers}][{self.num_kv_heads}], the "
+                              f"model has [layers][kv_heads] = {list(shape)}")
+        if model.sliding_window is not None and any(
+                self.sparse_groups(i) for i in range(self.num_layers)):
+            raise ConfigError("sparse heads on a sliding-window model are not supported")
+
+    def replace(self, **changes: Any) -> SparseConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SparseConfig:
+        return cls(**json.loads(text))

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from rtpurbo_jax.attention import decode_attend, prefill_attend
 from rtpurbo_jax.cache import Cache, empty_cache
-from rtpurbo_jax.config import ModelConfig
+from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.model import Params, decoder, lm_logits
+
+# The sparse state of a model: its SparseConfig (static) and indexer params (a pytree), or None.
+Indexer = dict[str, Any] | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,19 +43,26 @@ def _positions(batch: int, seq: int) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "backend"))
+@functools.partial(jax.jit, static_argnames=("config", "backend", "sparse"))
 def forward(
-    params: Params, tokens: jax.Array, lengths: jax.Array, config: ModelConfig, backend: str
-) -> jax.Array:
+    params: Params, tokens: jax.Array, lengths: jax.Array, config: ModelConfig, backend: str,
+    sparse: SparseConfig | None = None, indexer: Indexer = None,
+) -> tuple[jax.Array, jax.Array]:
     """Logits of every position. tokens: [batch, seq] right-padded; lengths: [batch].
 
-    Returns float32 [batch, seq, vocab]; positions past a row's length hold padding garbage.
+    Returns (float32 logits [batch, seq, vocab], selection stats [2] = selected and candidate
+    key blocks of the sparse heads, summed over layers). Positions past a row's length hold
+    padding garbage.
     """
     b, t = tokens.shape
-    attend = prefill_attend(config, lengths, backend)
+    attend = prefill_attend(config, lengths, backend, sparse, indexer)
     no_cache = [None] * config.num_layers
-    hidden, _ = decoder(params, tokens, _positions(b, t), config, attend, no_cache)
-    return lm_logits(params, hidden, config)
+    hidden, states = decoder(params, tokens, _positions(b, t), config, attend, no_cache)
+    return lm_logits(params, hidden, config), _sum_stats(states)
+
+
+def _sum_stats(states: list[dict[str, Any]]) -> jax.Array:
+    return sum(s["stats"] for s in states)
 
 
 def last_valid(hidden: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -67,28 +78,32 @@ def prefill(
     config: ModelConfig,
     max_len: int,
     backend: str,
-) -> tuple[jax.Array, Cache]:
+    sparse: SparseConfig | None = None,
+    indexer: Indexer = None,
+) -> tuple[jax.Array, Cache, jax.Array]:
     """Runs the prompt and fills a cache of max_len positions.
 
-    Returns (logits of each row's last prompt token [batch, vocab], cache).
+    Returns (logits of each row's last prompt token [batch, vocab], cache, selection stats [2]).
     """
     b, t = tokens.shape
-    cache = empty_cache(b, max_len, config.num_layers, config.num_kv_heads, config.head_dim,
-                        params["embed"].dtype)
-    attend = prefill_attend(config, lengths, backend)
-    hidden, layers = decoder(params, tokens, _positions(b, t), config, attend, cache["layers"])
+    cache = empty_cache(config, b, max_len, params["embed"].dtype, sparse)
+    attend = prefill_attend(config, lengths, backend, sparse, indexer)
+    hidden, states = decoder(params, tokens, _positions(b, t), config, attend, cache["layers"])
     logits = lm_logits(params, last_valid(hidden, lengths), config)
-    return logits, {"layers": layers, "lengths": lengths.astype(jnp.int32)}
+    layers = [s["cache"] for s in states]
+    return logits, {"layers": layers, "lengths": lengths.astype(jnp.int32)}, _sum_stats(states)
 
 
 def decode_step(
-    params: Params, cache: Cache, tokens: jax.Array, config: ModelConfig, backend: str
+    params: Params, cache: Cache, tokens: jax.Array, config: ModelConfig, backend: str,
+    sparse: SparseConfig | None = None, indexer: Indexer = None,
 ) -> tuple[jax.Array, Cache]:
     """Appends one token per row. tokens: [batch]. Returns (logits [batch, vocab], cache)."""
     lengths = cache["lengths"]
-    attend = decode_attend(config, lengths, backend)
-    hidden, layers = decoder(params, tokens[:, None], lengths[:, None], config, attend,
+    attend = decode_attend(config, lengths, backend, sparse, indexer)
+    hidden, states = decoder(params, tokens[:, None], lengths[:, None], config, attend,
                              cache["layers"])
+    layers = [s["cache"] for s in states]
     return lm_logits(params, hidden[:, 0], config), {"layers": layers, "lengths": lengths + 1}
 
 
@@ -114,7 +129,7 @@ def sample(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.A
 
 @functools.partial(
     jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_ids", "pad_id",
-                              "backend")
+                              "backend", "sparse")
 )
 def generate(
     params: Params,
@@ -128,14 +143,18 @@ def generate(
     eos_ids: tuple[int, ...],
     pad_id: int,
     backend: str,
-) -> jax.Array:
+    sparse: SparseConfig | None = None,
+    indexer: Indexer = None,
+) -> tuple[jax.Array, jax.Array]:
     """Generates up to max_new_tokens per row after a right-padded prompt.
 
-    tokens: [batch, prompt_len]; lengths: [batch]. Returns [batch, max_new_tokens] int32: each row's
-    new tokens, its end-of-sequence token included, then pad_id.
+    tokens: [batch, prompt_len]; lengths: [batch]. Returns ([batch, max_new_tokens] int32: each
+    row's new tokens, its end-of-sequence token included, then pad_id; the prompt's selection
+    stats [2]).
     """
     b, t = tokens.shape
-    logits, cache = prefill(params, tokens, lengths, config, t + max_new_tokens, backend)
+    logits, cache, stats = prefill(params, tokens, lengths, config, t + max_new_tokens, backend,
+                                   sparse, indexer)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
 
@@ -149,8 +168,8 @@ def generate(
         token = jnp.where(done, pad_id, token)
         out = out.at[:, step].set(token)
         done = done | jnp.isin(token, eos)
-        logits, cache = decode_step(params, cache, token, config, backend)
+        logits, cache = decode_step(params, cache, token, config, backend, sparse, indexer)
         return step + 1, logits, cache, out, done
 
     carry = (jnp.int32(0), logits, cache, out, jnp.zeros((b,), bool))
-    return jax.lax.while_loop(cond, body, carry)[3]
+    return jax.lax.while_loop(cond, body, carry)[3], stats

@@ -23,7 +23,7 @@ def test_prefill_then_decode_equals_forward(model):
     """Logits of each decode step equal the uncached forward pass at that position."""
     tokens, lengths = gen_inputs(ROWS)
     steps = [[11, 12, 13], [21, 22, 23], [31, 32, 33]]
-    logits, cache = gen.prefill(model.params, tokens, lengths, TINY, 32, "reference")
+    logits, cache, _ = gen.prefill(model.params, tokens, lengths, TINY, 32, "reference")
     decoded = [logits]
     for s in range(3):
         logits, cache = gen.decode_step(model.params, cache,

@@ -1,0 +1,150 @@
+"""The conversion steps a dense model goes through to become an RTPurbo model.
+
+profile heads -> choose retrieval heads -> initialise the indexer from the model's own queries
+-> (train.py distils it) -> a sparse checkpoint. Each step is a function of a loaded model;
+`indexer_quality` measures how well an indexer's selection covers the true attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.indexer_topp import indexer_topp_reference
+from rtpurbo_jax.api import SparseModel
+from rtpurbo_jax.config import SparseConfig
+from rtpurbo_jax.heads import profile_heads
+from rtpurbo_jax.indexer import indexer_keys, indexer_queries, init_indexer
+from rtpurbo_jax.selection import rule_kwargs, selection_quality
+from rtpurbo_jax.tasks import make_samples
+from rtpurbo_jax.teacher import block_attention_mass, collect_qk
+
+# Query rows per layer kept for the SVD initialisation (a random subset of the calibration
+# tokens is plenty for a [head_dim, head_dim] second moment).
+CALIBRATION_ROWS = 16384
+
+_collect_qk = jax.jit(collect_qk, static_argnames=("config", "backend"))
+
+
+def profile(model: SparseModel, *, tasks: Sequence[str], length: int, samples_per_task: int,
+            seed: int, batch_size: int = 4, progress: bool = False) -> dict[str, np.ndarray]:
+    """Retrieval scores of every (layer, KV head) on generated retrieval tasks."""
+    if model.tokenizer is None:
+        raise ValueError("profiling needs a tokenizer to build its task prompts")
+    samples = [s for task in tasks
+               for s in make_samples(task, length, samples_per_task, model.tokenizer, seed)]
+    answers = [model.tokenizer.encode(s.completion, add_special_tokens=False) for s in samples]
+    return profile_heads(model.params, model.config, samples, answers, batch_size=batch_size,
+                         backend=model.backend, progress=progress)
+
+
+def calibration_queries(model: SparseModel, tokens: np.ndarray, seed: int = 0,
+                        batch_size: int = 1) -> list[np.ndarray]:
+    """Per layer, rotated queries [rows, heads, head_dim] of the model on tokens [n, seq]."""
+    per_layer: list[list[np.ndarray]] = [[] for _ in range(model.config.num_layers)]
+    for start in range(0, len(tokens), batch_size):
+        chunk = jnp.asarray(tokens[start:start + batch_size])
+        lengths = jnp.full((chunk.shape[0],), chunk.shape[1], jnp.int32)
+        for layer, (q, _) in enumerate(_collect_qk(model.params, chunk, lengths, model.config,
+                                                   model.backend)):
+            per_layer[layer].append(np.asarray(q, np.float32).reshape(-1, *q.shape[2:]))
+    rng = np.random.default_rng(seed)
+    out = []
+    for rows in per_layer:
+        stacked = np.concatenate(rows)
+        keep = rng.choice(len(stacked), min(CALIBRATION_ROWS, len(stacked)), replace=False)
+        out.append(stacked[np.sort(keep)])
+    return out
+
+
+def initial_indexer(model: SparseModel, sparse: SparseConfig, tokens: np.ndarray) -> dict[str, Any]:
+    """The SVD-initialised indexer of `sparse`'s sparse groups, calibrated on tokens [n, seq]."""
+    return init_indexer(calibration_queries(model, tokens), model.config, sparse)
+
+
+def indexer_quality(model: SparseModel, sparse: SparseConfig, indexer: dict[str, Any],
+                    tokens: np.ndarray) -> dict[str, Any]:
+    """Captured true attention mass and density of the indexer's selection, per layer and mean.
+
+    tokens: [batch, seq] full-length rows. Only the sparse groups are measured.
+    """
+    batch = jnp.asarray(tokens)
+    lengths = jnp.full((batch.shape[0],), batch.shape[1], jnp.int32)
+    states = _collect_qk(model.params, batch, lengths, model.config, model.backend)
+    g_size = model.config.group_size
+    per_layer = []
+    for layer, (q, k) in enumerate(states):
+        groups = sparse.sparse_groups(layer)
+        if not groups:
+            per_layer.append(None)
+            continue
+        heads = np.array([g * g_size + j for g in groups for j in range(g_size)])
+        qs, ks = q[:, :, heads], k[:, :, np.array(groups)]
+        mass = block_attention_mass(qs, ks, lengths, block_q=sparse.block_q,
+                                    block_k=sparse.block_k)
+        layer_indexer = indexer["layers"][layer]
+        indices, counts = indexer_topp_reference(
+            indexer_queries(qs, layer_indexer["wq"]), indexer_keys(ks, layer_indexer["wk"]),
+            jnp.zeros_like(lengths), lengths, block_q=sparse.block_q, block_k=sparse.block_k,
+            scale=1.0 / sparse.temperature, **rule_kwargs(sparse))
+        per_layer.append({k: float(v) for k, v in selection_quality(
+            mass, indices, counts, lengths, sparse).items()})
+    measured = [m for m in per_layer if m is not None]
+    mean = {key: float(np.mean([m[key] for m in measured])) for key in measured[0]}
+    return {"mean": mean, "per_layer": per_layer}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Profile the heads of a model and measure its SVD-initialised indexer (no training)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from rtpurbo_jax.api import load
+    from rtpurbo_jax.heads import choose_retrieval_heads, save_profile
+    from rtpurbo_jax.text import text_tokens, text_windows
+
+    parser = argparse.ArgumentParser(prog="python -m rtpurbo_jax.convert", description=main.__doc__)
+    parser.add_argument("--source", default=None, help="model (default: the embedded one)")
+    parser.add_argument("--length", type=int, default=4096, help="tokens per sample")
+    parser.add_argument("--samples", type=int, default=4, help="profiling samples per task")
+    parser.add_argument("--threshold", type=float, default=0.1,
+                        help="retrieval score from which a head stays dense")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results/profile/model", help="output path prefix")
+    args = parser.parse_args(argv)
+
+    model = load(args.source)
+    prof = profile(model, tasks=("passkey", "niah_multikey"), length=args.length,
+                   samples_per_task=args.samples, seed=args.seed, progress=True)
+    mask = choose_retrieval_heads(prof["score"], threshold=args.threshold)
+    info = {"tasks": ["passkey", "niah_multikey"], "length": args.length,
+            "samples": 2 * args.samples, "threshold": args.threshold}
+    json_path, png_path = save_profile(args.out, prof, mask, model.config.name, info)
+    sparse = SparseConfig(mask, rank=args.rank, top_p=args.top_p)
+    rng = np.random.default_rng(args.seed)
+    train = text_tokens(model.tokenizer, "train")
+    indexer = initial_indexer(model, sparse, text_windows(train, args.length, 2, rng))
+    quality = indexer_quality(model, sparse, indexer, text_windows(train, args.length, 1, rng))
+    report = {"model": model.config.name, "length": args.length, "top_p": args.top_p,
+              "rank": args.rank, "retrieval_fraction": sparse.retrieval_fraction,
+              "initial_indexer": quality}
+    quality_path = Path(args.out).with_name(Path(args.out).name + "_init_quality.json")
+    quality_path.write_text(json.dumps(report, indent=1))
+    m = quality["mean"]
+    print(f"retrieval heads: {sum(map(sum, mask))} of {np.size(prof['score'])} "
+          f"({sparse.retrieval_fraction:.1%}) at score >= {args.threshold}")
+    print(f"initial indexer at p={args.top_p}: captures {m['captured_mass']:.3f} of the true "
+          f"block attention mass at density {m['density']:.3f} (oracle density "
+          f"{m['oracle_density']:.3f})")
+    print(f"wrote {json_path}, {png_path}, {quality_path}")
+
+
+if __name__ == "__main__":
+    main()
