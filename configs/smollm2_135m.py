@@ -2,9 +2,11 @@
 
 import ml_collections
 
+from configs.base import base_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
+    config = base_config()
     config.name = "smollm2_135m"
     config.model = ml_collections.ConfigDict()
     # None: the embedded default model, fetched once from the package index.

@@ -22,7 +22,7 @@ from rtpurbo_jax.cache import layer_groups, write_parts
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.dense import cudnn_supported, dense_attention_cudnn, dense_attention_reference
 from rtpurbo_jax.indexer import indexer_keys
-from rtpurbo_jax.model import AttendFn
+from rtpurbo_jax.model import AttendFn, query_heads
 from rtpurbo_jax.selection import select_decode, select_prefill, selection_stats
 
 BACKENDS = ("reference", "pallas", "auto")
@@ -77,10 +77,6 @@ def dense_decode(
                                      sliding_window=sliding_window)
 
 
-def _query_heads(groups: tuple[int, ...], group_size: int) -> np.ndarray:
-    return np.array([g * group_size + j for g in groups for j in range(group_size)], np.int32)
-
-
 def _take(x: jax.Array, index: np.ndarray) -> jax.Array:
     """x[:, :, index] along the head axis; no copy when index is every head in order."""
     if len(index) == x.shape[2] and (index == np.arange(x.shape[2])).all():
@@ -115,13 +111,13 @@ def layer_prefill(
     g_size = config.group_size
     pieces, cache_parts, stats = [], {}, _zero_stats()
     if dense:
-        heads, kv = _query_heads(dense, g_size), np.array(dense, np.int32)
+        heads, kv = query_heads(dense, g_size), np.array(dense, np.int32)
         kd, vd = _take(k, kv), _take(v, kv)
         pieces.append((heads, dense_prefill(_take(q, heads), kd, vd, lengths, backend=backend,
                                             sliding_window=config.sliding_window)))
         cache_parts.update(k=kd, v=vd)
     if sparse_groups:
-        heads, kv = _query_heads(sparse_groups, g_size), np.array(sparse_groups, np.int32)
+        heads, kv = query_heads(sparse_groups, g_size), np.array(sparse_groups, np.int32)
         qs, ks, vs = _take(q, heads), _take(k, kv), _take(v, kv)
         ki = indexer_keys(ks, layer_indexer["wk"]) if sparse.scorer == "indexer" else None
         indices, counts = select_prefill(qs, ks, ki, lengths, sparse, layer_indexer)
@@ -163,11 +159,11 @@ def layer_decode(
     new_lengths = lengths + 1
     pieces, stats = [], _zero_stats()
     if dense:
-        heads = _query_heads(dense, g_size)
+        heads = query_heads(dense, g_size)
         pieces.append((heads, dense_decode(_take(q, heads), cache["k"], cache["v"], new_lengths,
                                            backend=backend, sliding_window=config.sliding_window)))
     if sparse_groups:
-        heads = _query_heads(sparse_groups, g_size)
+        heads = query_heads(sparse_groups, g_size)
         qs = _take(q, heads)
         indices, counts = select_decode(qs, cache["ks"], cache.get("ki"), new_lengths, sparse,
                                         layer_indexer)

@@ -7,7 +7,9 @@ profile heads -> choose retrieval heads -> initialise the indexer from the model
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -17,27 +19,35 @@ import numpy as np
 from pallas_kernels.indexer_topp import indexer_topp_reference
 from rtpurbo_jax.api import SparseModel
 from rtpurbo_jax.config import SparseConfig
-from rtpurbo_jax.heads import profile_heads
+from rtpurbo_jax.data import corpus_tokens
+from rtpurbo_jax.heads import choose_retrieval_heads, profile_heads, save_profile
 from rtpurbo_jax.indexer import indexer_keys, indexer_queries, init_indexer
+from rtpurbo_jax.model import query_heads
 from rtpurbo_jax.selection import rule_kwargs, selection_quality
-from rtpurbo_jax.tasks import make_samples
+from rtpurbo_jax.tasks import ByteTokenizer, make_samples
 from rtpurbo_jax.teacher import block_attention_mass, collect_qk
+from rtpurbo_jax.text import text_tokens, text_windows
 
 # Query rows per layer kept for the SVD initialisation (a random subset of the calibration
 # tokens is plenty for a [head_dim, head_dim] second moment).
 CALIBRATION_ROWS = 16384
+# Separates the calibration text's random stream from the training data's.
+CALIBRATION_STREAM = 7
+RULES = ("threshold", "fraction", "count")
 
 _collect_qk = jax.jit(collect_qk, static_argnames=("config", "backend"))
 
 
 def profile(model: SparseModel, *, tasks: Sequence[str], length: int, samples_per_task: int,
-            seed: int, batch_size: int = 4, progress: bool = False) -> dict[str, np.ndarray]:
+            seed: int, batch_size: int = 4, progress: bool = False,
+            tokenizer: Any = None) -> dict[str, np.ndarray]:
     """Retrieval scores of every (layer, KV head) on generated retrieval tasks."""
-    if model.tokenizer is None:
+    tokenizer = tokenizer or model.tokenizer
+    if tokenizer is None:
         raise ValueError("profiling needs a tokenizer to build its task prompts")
     samples = [s for task in tasks
-               for s in make_samples(task, length, samples_per_task, model.tokenizer, seed)]
-    answers = [model.tokenizer.encode(s.completion, add_special_tokens=False) for s in samples]
+               for s in make_samples(task, length, samples_per_task, tokenizer, seed)]
+    answers = [tokenizer.encode(s.completion, add_special_tokens=False) for s in samples]
     return profile_heads(model.params, model.config, samples, answers, batch_size=batch_size,
                          backend=model.backend, progress=progress)
 
@@ -82,7 +92,7 @@ def indexer_quality(model: SparseModel, sparse: SparseConfig, indexer: dict[str,
         if not groups:
             per_layer.append(None)
             continue
-        heads = np.array([g * g_size + j for g in groups for j in range(g_size)])
+        heads = query_heads(groups, g_size)
         qs, ks = q[:, :, heads], k[:, :, np.array(groups)]
         mass = block_attention_mass(qs, ks, lengths, block_q=sparse.block_q,
                                     block_k=sparse.block_k)
@@ -98,15 +108,94 @@ def indexer_quality(model: SparseModel, sparse: SparseConfig, indexer: dict[str,
     return {"mean": mean, "per_layer": per_layer}
 
 
+def task_tokenizer(model: SparseModel) -> Any:
+    """The model's tokenizer, or bytes for a tokenizer-less model with a 256-token vocabulary."""
+    if model.tokenizer is not None:
+        return model.tokenizer
+    if model.config.vocab_size == ByteTokenizer.vocab_size:
+        return ByteTokenizer()
+    raise ValueError(f"{model.config.name} has no tokenizer, and its vocabulary "
+                     f"({model.config.vocab_size}) is not bytes")
+
+
+def read_mask(path: Path) -> tuple[tuple[bool, ...], ...]:
+    """The "retrieval_mask" of a JSON file (a heads.json profile, or one written by hand)."""
+    try:
+        rows = json.loads(path.read_text())["retrieval_mask"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} has no valid \"retrieval_mask\": {err}") from err
+    return tuple(tuple(bool(x) for x in row) for row in rows)
+
+
+def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path
+                   ) -> tuple[tuple[bool, ...], ...]:
+    """The mask from heads.mask_file, from an earlier profile in run_dir, or profiled now
+    (written to run_dir/heads.json and heads.png)."""
+    if heads.mask_file:
+        if not Path(heads.mask_file).exists():
+            raise FileNotFoundError(f"heads.mask_file {heads.mask_file} does not exist")
+        return read_mask(Path(heads.mask_file))
+    if (run_dir / "heads.json").exists():
+        return read_mask(run_dir / "heads.json")
+    if heads.rule not in RULES:
+        raise ValueError(f"heads.rule must be one of {RULES}, got {heads.rule!r}")
+    prof = profile(model, tasks=tuple(heads.tasks), length=heads.length,
+                   samples_per_task=heads.samples, seed=seed, batch_size=heads.batch_size,
+                   progress=True, tokenizer=task_tokenizer(model))
+    value = int(heads.rule_value) if heads.rule == "count" else float(heads.rule_value)
+    mask = choose_retrieval_heads(prof["score"], **{heads.rule: value})
+    info = {"tasks": list(heads.tasks), "length": heads.length,
+            "samples": heads.samples * len(heads.tasks), heads.rule: value}
+    save_profile(run_dir / "heads", prof, mask, model.config.name, info)
+    return mask
+
+
+def run_conversion(config: Any, run_dir: Path) -> dict[str, Any]:
+    """The whole conversion a config describes, into run_dir. Returns a summary dict."""
+    from rtpurbo_jax.api import load_from_config
+    from rtpurbo_jax.data import training_dataset
+    from rtpurbo_jax.sharding import make_mesh
+    from rtpurbo_jax.training import run_training
+
+    model = load_from_config(config.model)
+    tokenizer = task_tokenizer(model)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    mask = retrieval_mask(model, config.heads, config.seed, run_dir)
+    sparse = SparseConfig(mask, **config.sparse.to_dict())
+    sparse.check_model(model.config)
+    train = config.train
+    rng = np.random.default_rng([config.seed, CALIBRATION_STREAM])
+    calibration = text_windows(corpus_tokens(tokenizer, tuple(config.data.files)), train.seq_len,
+                               train.calibration_windows, rng)
+    indexer = initial_indexer(model, sparse, calibration)
+    dataset = training_dataset(tokenizer, config.data, seq_len=train.seq_len,
+                               batch_size=train.batch_size, steps=train.steps, seed=config.seed)
+    indexer, history = run_training(config=model.config, sparse=sparse, params=model.params,
+                                    indexer=indexer, dataset=dataset, train=train,
+                                    run_dir=run_dir, mesh=mesh, backend=model.backend)
+    trained = model.with_sparse(sparse, indexer)
+    trained.save_sparse(run_dir / "sparse")
+    trained.save_sparse(run_dir / "sparse_safetensors", safetensors=True)
+    losses = [h["loss"] for h in _read_metrics(run_dir)]
+    return {"model": model.config.name, "device": jax.devices()[0].device_kind,
+            "steps": train.steps, "first_loss": losses[0], "final_loss": losses[-1],
+            "retrieval_fraction": sparse.retrieval_fraction, "resumed": len(history) < len(losses)}
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """The metrics of every step, the last record of a step winning (a resumed run rewrites)."""
+    by_step: dict[int, dict[str, float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Profile the heads of a model and measure its SVD-initialised indexer (no training)."""
     import argparse
-    import json
-    from pathlib import Path
 
     from rtpurbo_jax.api import load
-    from rtpurbo_jax.heads import choose_retrieval_heads, save_profile
-    from rtpurbo_jax.text import text_tokens, text_windows
 
     parser = argparse.ArgumentParser(prog="python -m rtpurbo_jax.convert", description=main.__doc__)
     parser.add_argument("--source", default=None, help="model (default: the embedded one)")

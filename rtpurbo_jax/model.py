@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rtpurbo_jax.config import ModelConfig
 from rtpurbo_jax.rope import apply_rope, rope_tables
@@ -35,6 +36,11 @@ AttendFn = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array
 
 # Standard deviation of the random initialisation used for test models.
 INIT_STDDEV = 0.02
+
+
+def query_heads(kv_groups: tuple[int, ...], group_size: int) -> np.ndarray:
+    """Indices of the query heads that belong to the given KV heads (GQA groups)."""
+    return np.array([g * group_size + j for g in kv_groups for j in range(group_size)], np.int32)
 
 
 def layer_param_axes(config: ModelConfig) -> dict[str, tuple[str, ...]]:

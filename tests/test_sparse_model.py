@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rtpurbo_jax import generate as gen
-from rtpurbo_jax.api import right_pad
+from rtpurbo_jax.api import SparseModel, right_pad
 from rtpurbo_jax.config import ConfigError, SparseConfig
 from rtpurbo_jax.indexer import init_indexer
 from tests.tiny import TINY, tiny_model
@@ -105,3 +105,15 @@ def test_sparse_config_validation():
         SparseConfig(MIXED, scorer="magic")
     with pytest.raises(ConfigError, match="the model has"):
         SparseConfig(((True, False, False),)).check_model(TINY)
+
+
+def test_pallas_backend_matches_reference(model, indexer):
+    """The whole sparse model through the Pallas kernels (interpreted on CPU) equals the
+    reference path: prefill logits and cached decoding."""
+    sparse = _sparse(top_p=0.7)
+    ref = model.with_sparse(sparse, indexer)
+    pallas = SparseModel(model.config, model.params, backend="pallas").with_sparse(sparse,
+                                                                                 indexer)
+    assert _err(ref(ROWS), pallas(ROWS)) <= TOL
+    np.testing.assert_array_equal(pallas.generate(ROWS, 4, eos_token_id=()),
+                                  ref.generate(ROWS, 4, eos_token_id=()))

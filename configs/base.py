@@ -1,0 +1,49 @@
+"""Defaults every model config shares: sparsity, head selection, training, data, mesh.
+
+A model config calls `base_config()` and sets `model` (and whatever it changes). Any field can
+be overridden on the command line: `--config.train.steps=300`.
+"""
+
+import ml_collections
+
+from rtpurbo_jax.tasks import TASKS
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = ""
+    config.run_dir = ""  # empty: runs/<name>
+    config.seed = 0
+    # "auto": on a machine without an accelerator use `cpu_schedule`; "full" or "cpu" force one.
+    config.schedule = "auto"
+    config.distributed = False  # multi-host: call jax.distributed.initialize() first
+
+    config.sparse = ml_collections.ConfigDict(dict(
+        rank=16, top_p=0.9, block_q=64, block_k=64, sink_blocks=1, local_blocks=2,
+        min_blocks=0, max_blocks=None, temperature=1.0,
+    ))
+    config.heads = ml_collections.ConfigDict(dict(
+        mask_file="",  # a JSON with "retrieval_mask" (e.g. a heads.json): skips profiling
+        tasks=("passkey", "niah_multikey"), length=4096, samples=8, batch_size=4,
+        rule="threshold",  # "threshold" | "fraction" | "count"
+        rule_value=0.1,
+    ))
+    config.train = ml_collections.ConfigDict(dict(
+        steps=400, seq_len=8192, batch_size=2, learning_rate=1e-3, warmup_steps=50,
+        final_lr_fraction=0.0, weight_decay=0.01, grad_clip=1.0,
+        loss_level="block",  # "block" (what selection ranks by) | "token"
+        teacher_top_p=0.9, checkpoint_every=100, keep_checkpoints=2,
+        calibration_windows=4,  # text windows of seq_len for the SVD initialisation
+    ))
+    config.data = ml_collections.ConfigDict(dict(
+        files=(),  # .txt / .jsonl ("text" field); empty: the stdlib sources
+        task_fraction=0.5, tasks=TASKS,
+    ))
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    # Overrides for a machine without an accelerator: short sequences, few steps.
+    config.cpu_schedule = ml_collections.ConfigDict(dict(
+        train=dict(steps=12, seq_len=1024, batch_size=1, warmup_steps=3, checkpoint_every=4,
+                   calibration_windows=2),
+        heads=dict(length=1024, samples=2, batch_size=2),
+    ))
+    return config

@@ -1,0 +1,114 @@
+"""GPU checks at real sizes (skipped without a GPU): `pytest -m gpu tests/test_gpu.py`.
+
+The fast paths (cuDNN for dense heads, the Pallas kernels for sparse ones, bf16) against the
+reference path, on a model with the default model's attention shapes; and a short conversion.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rtpurbo_jax import generate as gen
+from rtpurbo_jax.api import SparseModel, right_pad
+from rtpurbo_jax.config import ModelConfig, SparseConfig
+from rtpurbo_jax.indexer import init_indexer
+from rtpurbo_jax.model import init_params
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
+
+# The default model's attention (9 query / 3 KV heads of 64) in a 3-layer model.
+CONFIG = ModelConfig(family="llama", vocab_size=512, hidden_size=576, intermediate_size=1536,
+                     num_layers=3, num_heads=9, num_kv_heads=3, head_dim=64,
+                     rope_theta=100000.0, max_position_embeddings=8192)
+LENGTHS = [2048, 1500]
+# float32 runs a real top-p selection (both paths select the same blocks) through the kernels,
+# the dense heads on the reference path (cuDNN has no float32), every matmul at full float32
+# precision (the GPU's default for float32 is TF32).
+F32_TOL = 1e-4  # relative to max |logit|
+# In bf16 the rounding of the two paths differs enough to flip a block at the margin of a top-p
+# set, so bf16 runs at p = 1 (every block, through cuDNN + the kernels), and the fast path must
+# be about as close to the float32 truth as the bf16 reference path is.
+BF16_SLACK = 1.5
+
+def _models(dtype: str, top_p: float):
+    params = jax.tree.map(lambda x: (4.0 * x).astype(dtype),
+                          init_params(CONFIG, jax.random.key(0)))
+    mask = ((True, False, False), (False, False, False), (False, True, False))
+    sparse = SparseConfig(mask, rank=16, top_p=top_p)
+    rng = np.random.default_rng(0)
+    queries = [rng.normal(size=(256, 9, 64)) for _ in range(CONFIG.num_layers)]
+    indexer = init_indexer(queries, CONFIG, sparse)
+    fast = SparseModel(CONFIG, params, backend="auto").with_sparse(sparse, indexer)
+    reference = SparseModel(CONFIG, params, backend="reference").with_sparse(sparse, indexer)
+    return fast, reference
+
+
+def _rows():
+    rng = np.random.default_rng(1)
+    return [list(rng.integers(0, CONFIG.vocab_size, n)) for n in LENGTHS]
+
+
+def _err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _prefill_logits(model: SparseModel) -> list[np.ndarray]:
+    logits = np.asarray(model(_rows()), np.float32)
+    return [logits[row, :n] for row, n in enumerate(LENGTHS)]
+
+
+def test_prefill_float32_matches_reference():
+    with jax.default_matmul_precision("highest"):
+        fast, reference = _models("float32", 0.8)
+        for a, b in zip(_prefill_logits(fast), _prefill_logits(reference), strict=True):
+            assert _err(a, b) <= F32_TOL
+
+
+def test_prefill_bf16_is_as_accurate_as_reference():
+    with jax.default_matmul_precision("highest"):
+        truth = _prefill_logits(_models("float32", 1.0)[1])
+    fast, reference = _models("bfloat16", 1.0)
+    for a, b, t in zip(_prefill_logits(fast), _prefill_logits(reference), truth, strict=True):
+        assert _err(a, t) <= BF16_SLACK * _err(b, t), (_err(a, t), _err(b, t))
+
+
+def _decode_logits(model: SparseModel, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Logits of three decode steps after the prompt: [3, batch, vocab]."""
+    prefill = jax.jit(gen.prefill, static_argnames=("config", "max_len", "backend", "sparse"))
+    step = jax.jit(gen.decode_step, static_argnames=("config", "backend", "sparse"))
+    kwargs = dict(config=CONFIG, backend=model.backend, sparse=model.sparse,
+                  indexer=model.indexer)
+    _, cache, _ = prefill(model.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                          max_len=max(LENGTHS) + 64, **kwargs)
+    steps = []
+    for token in (5, 6, 7):
+        logits, cache = step(model.params, cache, jnp.full((len(LENGTHS),), token), **kwargs)
+        steps.append(np.asarray(logits, np.float32))
+    return np.stack(steps)
+
+
+@pytest.mark.parametrize("dtype,top_p,tol", [("float32", 0.8, F32_TOL), ("bfloat16", 1.0, None)])
+def test_fast_decode_matches_reference(dtype, top_p, tol):
+    fast, reference = _models(dtype, top_p)
+    tokens, lengths = right_pad(_rows())
+    precision = jax.default_matmul_precision("highest" if dtype == "float32" else "default")
+    with precision:
+        out = {name: _decode_logits(model, tokens, lengths)
+               for name, model in {"fast": fast, "reference": reference}.items()}
+    if tol is None:  # bf16: the decode logits of both paths agree like bf16 prefill does
+        tol = 3 * _err(*_prefill_logits(fast)[:1], *_prefill_logits(reference)[:1])
+    assert _err(out["fast"], out["reference"]) <= tol
+
+
+def test_short_conversion_runs(tmp_path):
+    from configs import tiny
+    from rtpurbo_jax.convert import run_conversion
+
+    config = tiny.get_config()
+    config.train.steps = 2
+    summary = run_conversion(config, tmp_path)
+    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])

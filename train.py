@@ -1,0 +1,92 @@
+"""Turn a full-attention model into an RTPurbo model.
+
+    python train.py                                   # the embedded default model
+    python train.py --config=configs/llama_1m.py --config.train.steps=300
+
+Pipeline: load the base model -> profile heads (or take a mask) -> initialise the indexer from
+the model's own queries -> distil it against the frozen model -> save the sparse checkpoint.
+A run directory (default runs/<config name>) holds the config as run, the head profile, the
+metrics, the Orbax checkpoints (a killed run resumes from the last one) and the result:
+  sparse/               the sparse checkpoint: rtpurbo_jax.load(source, sparse="<run>/sparse")
+  sparse_safetensors/   the same as safetensors + JSON
+  train_summary.json    steps, minutes, losses, device
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                               "smollm2_135m.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
+                                          "model/training config (a configs/*.py file)")
+# The config sections that must not change when a run directory is resumed.
+_RESUME_KEYS = ("model", "sparse", "heads", "train", "data", "seed")
+
+
+def apply_schedule(config: Any, backend: str) -> str:
+    """Applies `cpu_schedule` when asked or when there is no accelerator; returns the name."""
+    if config.schedule not in ("auto", "full", "cpu"):
+        raise ValueError(f"schedule must be auto, full or cpu, got {config.schedule!r}")
+    use_cpu = config.schedule == "cpu" or (config.schedule == "auto" and backend == "cpu")
+    if not use_cpu:
+        return "full"
+    for section, values in config.cpu_schedule.items():
+        config[section].update(values)
+    return "cpu"
+
+
+def check_resume(run_dir: Path, config: Any) -> None:
+    """Writes config.json on a new run; refuses to resume a run made with another config."""
+    path = run_dir / "config.json"
+    current = {k: json.loads(config[k].to_json()) if hasattr(config[k], "to_json")
+               else config[k] for k in _RESUME_KEYS}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = [k for k in _RESUME_KEYS if saved.get(k) != current[k]]
+        if changed:
+            raise ValueError(f"{run_dir} holds a run made with a different config ({changed}); "
+                             "pass a new --config.run_dir to start another run")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=1, default=str))
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import jax
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax reports every save at INFO
+    config = _CONFIG.value
+    if config.distributed:
+        jax.distributed.initialize()
+
+    from rtpurbo_jax.convert import run_conversion
+
+    schedule = apply_schedule(config, jax.default_backend())
+    if schedule == "cpu":
+        logging.warning(
+            "No accelerator found: running the short CPU schedule (%d steps of %d tokens, heads "
+            "profiled at %d tokens). Use --config.schedule=full for the full one.",
+            config.train.steps, config.train.seq_len, config.heads.length)
+    run_dir = Path(config.run_dir or os.path.join("runs", config.name))
+    check_resume(run_dir, config)
+    start = time.perf_counter()
+    summary = run_conversion(config, run_dir)
+    summary.update(schedule=schedule, train_minutes=(time.perf_counter() - start) / 60)
+    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"sparse checkpoint: {run_dir / 'sparse'}  ({summary['steps']} steps, "
+          f"{summary['train_minutes']:.1f} min, loss {summary['first_loss']:.4f} -> "
+          f"{summary['final_loss']:.4f}, retrieval heads {summary['retrieval_fraction']:.1%})")
+
+
+if __name__ == "__main__":
+    app.run(main)
