@@ -58,7 +58,7 @@ class Sample:
     @property
     def completion(self) -> str:
         """The text a correct model writes right after the prompt."""
-        return self.answer if self.task == "kv_retrieval" else " " + self.answer
+        return " " + self.answer
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,10 +78,6 @@ def _digits(rng: np.random.Generator, n: int) -> str:
     return str(rng.integers(10 ** (n - 1), 10**n))
 
 
-def _hex(rng: np.random.Generator, n: int) -> str:
-    return "".join(rng.choice(list("0123456789abcdef"), n))
-
-
 def _facts(task: str, rng: np.random.Generator) -> tuple[list[str], str, str, list[int]]:
     """(needle sentences in order, question ending before the answer, answer, the indices of
     the needles the answer depends on)."""
@@ -98,11 +94,12 @@ def _facts(task: str, rng: np.random.Generator) -> tuple[list[str], str, str, li
         return (needles, f"What is the special magic number for {keys[target]}? The special "
                 f"magic number for {keys[target]} is:", values[target], [target])
     if task == "kv_retrieval":
-        pairs = [(_hex(rng, 8), _hex(rng, 8)) for _ in range(6)]
+        keys = rng.choice(np.arange(1000, 10000), 6, replace=False)
+        pairs = [(str(k), _digits(rng, 5)) for k in keys]
         target = int(rng.integers(len(pairs)))
-        needles = [f'\nKey "{k}" has value "{v}".\n' for k, v in pairs]
-        return (needles, f'What is the value of key "{pairs[target][0]}"? The value of key '
-                f'"{pairs[target][0]}" is "', pairs[target][1], [target])
+        needles = [f"\nThe value of key {k} is {v}.\n" for k, v in pairs]
+        return (needles, f"What is the value of key {pairs[target][0]}? The value of key "
+                f"{pairs[target][0]} is", pairs[target][1], [target])
     if task == "variable_tracking":
         value = _digits(rng, 5)
         names = ["".join(rng.choice(list(string.ascii_uppercase), 4)) for _ in range(3)]
@@ -135,7 +132,7 @@ def make_sample(task: str, length: int, tokenizer: Any, rng: np.random.Generator
         pieces.append(filler_ids[prev:cut])
         pos += cut - prev
         pieces.append(np.asarray(ids, np.int32))
-        spans.append((pos, pos + len(ids)))
+        spans.append((int(pos), int(pos) + len(ids)))
         pos += len(ids)
         prev = cut
     pieces += [filler_ids[prev:], np.asarray(tail, np.int32)]
