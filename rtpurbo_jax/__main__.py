@@ -1,4 +1,5 @@
-"""Generate text: `python -m rtpurbo_jax "Your prompt"` (default model unless --source)."""
+"""Generate text: `python -m rtpurbo_jax "Your prompt"` (default model unless --source; sparse
+with --sparse <checkpoint dir>)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("prompt", help="the user message (chat template applied when known)")
     parser.add_argument("--source", default=None,
                         help="hub id, local directory or .gguf (default: the embedded model)")
+    parser.add_argument("--sparse", default=None,
+                        help="a sparse checkpoint directory (e.g. runs/smollm2_135m/sparse)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=None)
@@ -23,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
 
-    model = load(args.source, dtype=jnp.dtype(args.dtype))
+    model = load(args.source, sparse=args.sparse, dtype=jnp.dtype(args.dtype))
     tok = model.tokenizer
     if tok is None:
         parser.error(f"{args.source} ships no tokenizer; use the Python API with token ids")
