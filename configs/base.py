@@ -6,6 +6,7 @@ be overridden on the command line: `--config.train.steps=300`.
 
 import ml_collections
 
+from rtpurbo_jax.evaluation import default_eval_config
 from rtpurbo_jax.tasks import TASKS
 
 
@@ -46,4 +47,5 @@ def base_config() -> ml_collections.ConfigDict:
                    calibration_windows=2),
         heads=dict(length=1024, samples=2, batch_size=2),
     ))
+    config.eval = default_eval_config()
     return config

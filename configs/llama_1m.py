@@ -23,4 +23,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 1
     config.train.warmup_steps = 100
     config.heads.length = 32768
+    config.eval.lengths = (8192, 32768, 131072)
     return config

@@ -23,5 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.update(steps=6, seq_len=256, batch_size=2, warmup_steps=2, checkpoint_every=2,
                         calibration_windows=2)
     config.data.tasks = ("passkey",)  # the one task that fits 256 byte tokens
+    config.eval.update(lengths=(512, 1024), samples=2, batch_size=2, max_new_tokens=4,
+                       perplexity_windows=2)
     config.schedule = "full"  # already tiny
     return config

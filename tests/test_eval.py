@@ -1,0 +1,230 @@
+"""The evaluation suite on the tiny random model: every cell, mode and output is there, density
+is exact despite batch padding, and bad settings fail clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from rtpurbo_jax import evaluation as ev_lib
+from rtpurbo_jax import generate as gen
+from rtpurbo_jax.api import load_from_config
+from rtpurbo_jax.checkpoint import SparseCheckpointError
+from rtpurbo_jax.config import SparseConfig
+from rtpurbo_jax.indexer import init_indexer
+from rtpurbo_jax.tasks import TASKS, ByteTokenizer, make_samples
+
+REPO = Path(__file__).resolve().parents[1]
+MASK = ((True, False), (False, False))
+# Byte prompts: every task fits in 512 - MAX_NEW tokens (niah_multikey needs about 440).
+LENGTHS = (512, 640)
+SAMPLES = 2
+MAX_NEW = 4
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _sparse_model():
+    config = tiny.get_config()
+    model = load_from_config(config.model)
+    sparse = SparseConfig(MASK, **config.sparse.to_dict())
+    rng = np.random.default_rng(0)
+    arch = model.config
+    queries = [rng.normal(size=(64, arch.num_heads, arch.head_dim)) for _ in MASK]
+    return config, model.with_sparse(sparse, init_indexer(queries, arch, sparse))
+
+
+def _eval_section(**changes):
+    ev = ev_lib.default_eval_config()
+    ev.update(dict(lengths=LENGTHS, samples=SAMPLES, batch_size=SAMPLES, max_new_tokens=MAX_NEW,
+                   perplexity_windows=3, perplexity_batch_size=2, backend="reference"))
+    ev.update(changes)
+    return ev
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """eval.py run once on the tiny model: (stdout, results dict, out dir)."""
+    tmp = tmp_path_factory.mktemp("eval")
+    _, model = _sparse_model()
+    run_dir = tmp / "run"
+    model.save_sparse(run_dir / "sparse", safetensors=True)
+    (run_dir / "train_summary.json").write_text(json.dumps({"steps": 6, "train_minutes": 0.5}))
+    scores = np.random.default_rng(1).random((len(MASK), len(MASK[0])))
+    (run_dir / "heads.json").write_text(json.dumps({"model": "tiny", "score": scores.tolist(),
+                                                    "retrieval_mask": MASK}))
+    config_file = tmp / "tiny_eval.py"
+    config_file.write_text(textwrap.dedent("""
+        from configs import tiny
+        from rtpurbo_jax.evaluation import default_eval_config
+
+        def get_config():
+            config = tiny.get_config()
+            config.eval = default_eval_config()
+            return config
+    """))
+    out_dir = tmp / "out"
+    args = [f"--config={config_file}", f"--config.eval.run_dir={run_dir}",
+            f"--config.eval.out_dir={out_dir}", f"--config.eval.lengths={LENGTHS}",
+            f"--config.eval.samples={SAMPLES}", f"--config.eval.batch_size={SAMPLES}",
+            f"--config.eval.max_new_tokens={MAX_NEW}", "--config.eval.perplexity_windows=3",
+            "--config.eval.backend=reference"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "eval.py"), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, json.loads((out_dir / "results.json").read_text()), out_dir
+
+
+def test_every_cell_and_mode_is_reported(cli_run):
+    _, results, _ = cli_run
+    cells = {(c["task"], c["length"], c["mode"]): c for c in results["cells"]}
+    assert set(cells) == {(t, n, m) for t in TASKS for n in LENGTHS for m in ev_lib.MODES}
+    for (_, _, mode), cell in cells.items():
+        assert cell["n"] == SAMPLES
+        assert 0.0 <= cell["accuracy"] <= 1.0
+        if mode == "full":
+            assert cell["density"] is None
+        else:
+            assert 0.0 < cell["density"] <= 1.0
+    assert {(d["length"], d["mode"]) for d in results["density"]} == {
+        (n, m) for n in LENGTHS for m in ev_lib.SPARSE_MODES}
+    by_mode = {(d["length"], d["mode"]): d["density"] for d in results["density"]}
+    for n in LENGTHS:  # the forced blocks alone are the sparsest selection
+        assert by_mode[n, "streaming"] < by_mode[n, "rtpurbo"]
+
+
+def test_metadata_budget_and_perplexity(cli_run):
+    _, results, _ = cli_run
+    assert results["steps"] == 6 and results["train_minutes"] == 0.5
+    assert results["retrieval_fraction"] == 0.25
+    assert results["device"] and results["commit"]
+    assert results["settings"]["length_rule"] == ev_lib.LENGTH_RULE
+    budgets = {b["length"]: b for b in results["topk_budget"]}
+    assert set(budgets) == set(LENGTHS)
+    sparse = SparseConfig(MASK, **tiny.get_config().sparse.to_dict())
+    for n, budget in budgets.items():
+        assert budget["top_k_blocks"] == ev_lib.topk_budget(
+            budget["rtpurbo_density"], n - MAX_NEW, sparse)
+        assert budget["top_k_blocks"] >= sparse.sink_blocks + sparse.local_blocks
+    ppl = {p["mode"]: p for p in results["perplexity"]}
+    assert set(ppl) == set(ev_lib.MODES)
+    for p in ppl.values():
+        assert p["length"] == max(LENGTHS) and p["tokens"] == 3 * (max(LENGTHS) - 1)
+        assert np.isfinite(p["ppl"]) and p["ppl"] > 1.0
+
+
+def test_plots_and_table(cli_run):
+    stdout, _, out_dir = cli_run
+    for name in (ev_lib.ACCURACY_PLOT, ev_lib.DENSITY_PLOT, ev_lib.HEADS_PLOT):
+        assert (out_dir / name).read_bytes()[:len(PNG_MAGIC)] == PNG_MAGIC
+    assert "| task | length | full | rtpurbo | topk | streaming | oracle |" in stdout
+    assert f"| passkey | {LENGTHS[0]} |" in stdout
+    assert "| mode | ppl |" in stdout
+
+
+def test_padding_rows_leave_density_and_answers_unchanged():
+    """Two samples in a batch of 2 and in a batch of 3 (one padding row) give the same density
+    and answers; the candidates are exactly the causal blocks of every query block."""
+    _, model = _sparse_model()
+    samples = make_samples("passkey", 256, 2, ByteTokenizer(), seed=0)
+    cells = [ev_lib.run_cell(model, samples, ByteTokenizer(), batch, MAX_NEW) for batch in (2, 3)]
+    assert cells[0].correct == cells[1].correct
+    np.testing.assert_allclose(cells[0].stats, cells[1].stats)
+    sparse = model.sparse
+    groups = ev_lib.pad_row_stats(sparse)[1]
+    num_q_blocks = -(-256 // sparse.block_q)
+    mean = ev_lib.mean_candidate_blocks(256, sparse.block_q, sparse.block_k)
+    assert cells[0].stats[1] == 2 * groups * num_q_blocks * mean
+
+
+def test_mean_candidate_blocks_and_budget():
+    assert ev_lib.mean_candidate_blocks(64, 16, 16) == 2.5  # 1 + 2 + 3 + 4 blocks
+    assert ev_lib.mean_candidate_blocks(40, 16, 16) == 2.0  # the last query block is partial
+    assert ev_lib.mean_candidate_blocks(64, 32, 16) == 3.0  # 2 and 4 blocks
+    sparse = SparseConfig(MASK, block_q=16, block_k=16)
+    # Candidates 1..64: sum(min(k, c)) first reaches half of 2080 at k = 19 (1045; k = 18: 999).
+    assert ev_lib.topk_budget(0.5, 16 * 64, sparse) == 19
+    assert ev_lib.topk_budget(0.01, 16 * 64, sparse) == 3  # never below sink + local
+    assert ev_lib.topk_budget(None, 16 * 64, sparse) == 3
+
+
+def test_modes_derive_from_the_checkpoint_config():
+    sparse = SparseConfig(MASK, block_q=16, block_k=16)
+    assert ev_lib.mode_sparse("full", sparse) is None
+    assert ev_lib.mode_sparse("rtpurbo", sparse) == sparse
+    topk = ev_lib.mode_sparse("topk", sparse, 5)
+    assert (topk.selection, topk.top_k_blocks, topk.scorer) == ("top_k", 5, "indexer")
+    assert ev_lib.mode_sparse("streaming", sparse).scorer == "none"
+    assert ev_lib.mode_sparse("oracle", sparse).scorer == "oracle"
+
+
+def test_completion_cut_at_eos():
+    tok = ByteTokenizer()
+    assert ev_lib.completion_text(np.array([32, 52, 50, 7, 65]), tok, (7,)) == " 42"
+    assert ev_lib.completion_text(np.array([32, 52, 50]), tok, ()) == " 42"
+
+
+def test_perplexity_of_a_batch_matches_its_rows():
+    _, model = _sparse_model()
+    windows = np.random.default_rng(0).integers(0, 256, (3, 64)).astype(np.int32)
+    together = ev_lib.perplexity(model, windows, batch_size=2)
+    rows = [ev_lib.perplexity(model, windows[i:i + 1], batch_size=1) for i in range(3)]
+    np.testing.assert_allclose(together["nll"], np.mean([r["nll"] for r in rows]), rtol=1e-6)
+    logits, _ = gen.forward(model.params, jnp.asarray(windows[:1]), jnp.asarray([64]),
+                            model.config, model.backend, model.sparse, model.indexer)
+    logp = np.asarray(logits[0, :-1], np.float64)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -logp[np.arange(63), windows[0, 1:]].mean()
+    np.testing.assert_allclose(rows[0]["nll"], nll, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (dict(modes=("full", "magic")), "unknown eval mode"),
+    (dict(modes=()), "unknown eval mode"),
+    (dict(modes=("full", "topk")), "needs 'rtpurbo'"),
+    (dict(tasks=("passkey", "sudoku")), "unknown eval task"),
+    (dict(samples=0), "eval.samples must be positive"),
+    (dict(samples=-3), "eval.samples must be positive"),
+    (dict(batch_size=0), "eval.batch_size must be positive"),
+    (dict(lengths=(512, 4096)), "beyond the model's context"),
+    (dict(lengths=(4,)), "leaves no room"),
+    (dict(lengths=()), "distinct context lengths"),
+])
+def test_bad_settings_fail_clearly(change, message):
+    with pytest.raises(ValueError, match=message):
+        ev_lib.check_eval_config(_eval_section(**change), max_context=2048)
+
+
+def test_length_too_short_for_a_task():
+    _, model = _sparse_model()
+    with pytest.raises(ValueError, match="too short for a niah_multikey"):
+        ev_lib.run_suite(model, ByteTokenizer(), _eval_section(lengths=(256,)))
+
+
+def test_missing_or_mismatched_sparse_checkpoint(tmp_path):
+    config, model = _sparse_model()
+    with pytest.raises(SparseCheckpointError, match="no sparse checkpoint"):
+        ev_lib.load_eval_model(config.model, tmp_path / "nowhere")
+    model.fingerprint = "f" * 64
+    model.save_sparse(tmp_path / "other", safetensors=True)
+    with pytest.raises(SparseCheckpointError, match="not for random weights"):
+        ev_lib.load_eval_model(config.model, tmp_path / "other")
+
+
+def test_evaluate_refuses_bad_settings_before_loading(tmp_path):
+    config = tiny.get_config()
+    config.eval = _eval_section(samples=0, sparse=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="eval.samples must be positive"):
+        ev_lib.evaluate(config, progress=False)
+    config.eval.samples = SAMPLES
+    with pytest.raises(SparseCheckpointError, match="no sparse checkpoint"):
+        ev_lib.evaluate(config, progress=False)
