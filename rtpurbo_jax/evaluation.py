@@ -395,7 +395,10 @@ def load_eval_model(model_config: Any, sparse_path: str | os.PathLike[str], *,
 
 
 def git_commit(repo: Path) -> str:
-    """HEAD of the git checkout at repo, or "unknown" (an installed package, no git)."""
+    """$COMMIT when set (a copy of the tree without git), else HEAD of the git checkout at
+    repo, else "unknown" (an installed package)."""
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                              text=True, check=True)
