@@ -23,7 +23,7 @@ from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.dense import cudnn_supported, dense_attention_cudnn, dense_attention_reference
 from rtpurbo_jax.indexer import indexer_keys
 from rtpurbo_jax.model import AttendFn, query_heads
-from rtpurbo_jax.selection import select_decode, select_prefill, selection_stats
+from rtpurbo_jax.selection import select_decode, select_prefill, selection_stats, use_pallas
 
 BACKENDS = ("reference", "pallas", "auto")
 
@@ -39,10 +39,6 @@ def _on_gpu() -> bool:
 
 def _use_cudnn(q: jax.Array, backend: str) -> bool:
     return backend != "reference" and cudnn_supported(q)
-
-
-def _use_pallas(backend: str) -> bool:
-    return backend == "pallas" or (backend == "auto" and _on_gpu())
 
 
 def dense_prefill(
@@ -120,9 +116,9 @@ def layer_prefill(
         heads, kv = query_heads(sparse_groups, g_size), np.array(sparse_groups, np.int32)
         qs, ks, vs = _take(q, heads), _take(k, kv), _take(v, kv)
         ki = indexer_keys(ks, layer_indexer["wk"]) if sparse.scorer == "indexer" else None
-        indices, counts = select_prefill(qs, ks, ki, lengths, sparse, layer_indexer)
+        indices, counts = select_prefill(qs, ks, ki, lengths, sparse, layer_indexer, backend)
         kwargs = dict(block_q=sparse.block_q, block_k=sparse.block_k, lengths=lengths)
-        if _use_pallas(backend):
+        if use_pallas(backend):
             out = sparse_attention(qs, ks, vs, indices, counts, interpret=not _on_gpu(), **kwargs)
         else:
             out = sparse_attention_reference(qs, ks, vs, indices, counts, **kwargs)
@@ -166,10 +162,10 @@ def layer_decode(
         heads = query_heads(sparse_groups, g_size)
         qs = _take(q, heads)
         indices, counts = select_decode(qs, cache["ks"], cache.get("ki"), new_lengths, sparse,
-                                        layer_indexer)
+                                        layer_indexer, backend)
         args = (qs[:, 0], cache["ks"], cache["vs"], indices[:, :, 0], counts[:, :, 0],
                 new_lengths)
-        if _use_pallas(backend):
+        if use_pallas(backend):
             out = sparse_decode(*args, block_k=sparse.block_k, interpret=not _on_gpu())
         else:
             out = sparse_decode_reference(*args, block_k=sparse.block_k)

@@ -16,14 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.indexer_topp import indexer_topp_reference
 from rtpurbo_jax.api import SparseModel
 from rtpurbo_jax.config import SparseConfig
 from rtpurbo_jax.data import corpus_tokens
 from rtpurbo_jax.heads import choose_retrieval_heads, profile_heads, save_profile
-from rtpurbo_jax.indexer import indexer_keys, indexer_queries, init_indexer
+from rtpurbo_jax.indexer import indexer_keys, init_indexer
 from rtpurbo_jax.model import query_heads
-from rtpurbo_jax.selection import rule_kwargs, selection_quality
+from rtpurbo_jax.selection import select_prefill, selection_quality
 from rtpurbo_jax.tasks import ByteTokenizer, make_samples
 from rtpurbo_jax.teacher import block_attention_mass, collect_qk
 from rtpurbo_jax.text import text_tokens, text_windows
@@ -97,10 +96,9 @@ def indexer_quality(model: SparseModel, sparse: SparseConfig, indexer: dict[str,
         mass = block_attention_mass(qs, ks, lengths, block_q=sparse.block_q,
                                     block_k=sparse.block_k)
         layer_indexer = indexer["layers"][layer]
-        indices, counts = indexer_topp_reference(
-            indexer_queries(qs, layer_indexer["wq"]), indexer_keys(ks, layer_indexer["wk"]),
-            jnp.zeros_like(lengths), lengths, block_q=sparse.block_q, block_k=sparse.block_k,
-            scale=1.0 / sparse.temperature, **rule_kwargs(sparse))
+        ki = indexer_keys(ks, layer_indexer["wk"])
+        indices, counts = select_prefill(qs, ks, ki, lengths, sparse, layer_indexer,
+                                         model.backend)
         per_layer.append({k: float(v) for k, v in selection_quality(
             mass, indices, counts, lengths, sparse).items()})
     measured = [m for m in per_layer if m is not None]

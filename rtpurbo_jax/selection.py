@@ -5,7 +5,8 @@ Where the block scores come from is the SparseConfig's `scorer`:
   "oracle":  the frozen model's true attention mass per block (the ceiling for any indexer);
   "none":    no scores: only the forced sink and local blocks (a StreamingLLM/DuoAttention-style
              baseline).
-The top-p / top-k rule itself is `pallas_kernels.indexer_topp` (reference and kernel).
+The top-p / top-k rule itself is `pallas_kernels.indexer_topp` (reference and kernels); the
+kernels run when `backend` asks for Pallas (interpreted off the GPU).
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.indexer_topp import (
-    indexer_topp_reference,
+    block_logits,
+    block_logits_reference,
+    pool_queries,
     query_block_extent,
+    select_blocks,
     select_blocks_reference,
 )
 from rtpurbo_jax.config import SparseConfig
@@ -39,12 +43,38 @@ def rule_kwargs(sparse: SparseConfig) -> dict[str, Any]:
                 top_k=sparse.top_k_blocks if sparse.selection == "top_k" else None)
 
 
+def use_pallas(backend: str) -> bool:
+    """Whether `backend` runs the Pallas kernels ("auto": on a GPU only)."""
+    return backend == "pallas" or (backend == "auto" and jax.default_backend() == "gpu")
+
+
+def _kernel_kwargs(backend: str) -> dict[str, Any]:
+    return {"interpret": jax.default_backend() != "gpu"} if use_pallas(backend) else {}
+
+
 def _select_from_logits(
-    logits: jax.Array, q_start: jax.Array, lengths: jax.Array, q_len: int, sparse: SparseConfig
+    logits: jax.Array, last: jax.Array, sparse: SparseConfig, backend: str
 ) -> Selection:
-    _, last = query_block_extent(q_start, lengths, q_len, sparse.block_q)
+    """The selection rule on block logits [b, g, nq, nk]; last: [b, nq] last valid positions."""
     last_block = jnp.where(last >= 0, last // sparse.block_k, -1)
-    return select_blocks_reference(logits, last_block, **rule_kwargs(sparse))
+    select = select_blocks if use_pallas(backend) else select_blocks_reference
+    return select(logits, last_block, **rule_kwargs(sparse), **_kernel_kwargs(backend))
+
+
+def _indexer_logits(q: jax.Array, ki: jax.Array, q_start: jax.Array, lengths: jax.Array,
+                    sparse: SparseConfig, layer_indexer: dict[str, jax.Array], backend: str
+                    ) -> tuple[jax.Array, jax.Array]:
+    """(block logits [b, g, nq, nk], last valid positions [b, nq]) from the indexer.
+
+    The indexer query is linear in q, so pooling the query block's rows first and projecting
+    the pooled [b, nq, heads, d] gives the pooled indexer query at block_q times fewer FLOPs.
+    """
+    valid, last = query_block_extent(q_start, lengths, q.shape[1], sparse.block_q)
+    pooled = indexer_queries(pool_queries(q, valid), layer_indexer["wq"])
+    logits_fn = block_logits if use_pallas(backend) else block_logits_reference
+    logits = logits_fn(pooled, ki, lengths, last, block_k=sparse.block_k,
+                       scale=1.0 / sparse.temperature, **_kernel_kwargs(backend))
+    return logits, last
 
 
 def _oracle_logits_prefill(q: jax.Array, k: jax.Array, lengths: jax.Array,
@@ -71,6 +101,7 @@ def select_prefill(
     lengths: jax.Array,
     sparse: SparseConfig,
     layer_indexer: dict[str, jax.Array],
+    backend: str = "reference",
 ) -> Selection:
     """Block lists of a right-padded prompt starting at position 0.
 
@@ -80,16 +111,15 @@ def select_prefill(
     b, t = q.shape[:2]
     q_start = jnp.zeros((b,), jnp.int32)
     if sparse.scorer == "indexer":
-        qi = indexer_queries(q, layer_indexer["wq"])
-        return indexer_topp_reference(qi, ki, q_start, lengths, block_q=sparse.block_q,
-                                      block_k=sparse.block_k, scale=1.0 / sparse.temperature,
-                                      **rule_kwargs(sparse))
+        logits, last = _indexer_logits(q, ki, q_start, lengths, sparse, layer_indexer, backend)
+        return _select_from_logits(logits, last, sparse, backend)
+    _, last = query_block_extent(q_start, lengths, t, sparse.block_q)
     if sparse.scorer == "oracle":
         logits = _oracle_logits_prefill(q, k, lengths, sparse)
     else:
         nq, nk = -(-t // sparse.block_q), -(-k.shape[1] // sparse.block_k)
         logits = jnp.zeros((b, k.shape[2], nq, nk), jnp.float32)
-    return _select_from_logits(logits, q_start, lengths, t, sparse)
+    return _select_from_logits(logits, last, sparse, backend)
 
 
 def select_decode(
@@ -99,6 +129,7 @@ def select_decode(
     lengths: jax.Array,
     sparse: SparseConfig,
     layer_indexer: dict[str, jax.Array],
+    backend: str = "reference",
 ) -> Selection:
     """Block lists for one new token per row at position lengths[b]-1 (lengths count it).
 
@@ -107,16 +138,16 @@ def select_decode(
     """
     q_start = lengths - 1
     if sparse.scorer == "indexer":
-        qi = indexer_queries(q, layer_indexer["wq"])
-        return indexer_topp_reference(qi, ki_cache, q_start, lengths, block_q=sparse.block_q,
-                                      block_k=sparse.block_k, scale=1.0 / sparse.temperature,
-                                      **rule_kwargs(sparse))
+        logits, last = _indexer_logits(q, ki_cache, q_start, lengths, sparse, layer_indexer,
+                                       backend)
+        return _select_from_logits(logits, last, sparse, backend)
+    _, last = query_block_extent(q_start, lengths, 1, sparse.block_q)
     if sparse.scorer == "oracle":
         logits = _oracle_logits_decode(q, k_cache, lengths, sparse)
     else:
         nk = -(-k_cache.shape[1] // sparse.block_k)
         logits = jnp.zeros((q.shape[0], k_cache.shape[2], 1, nk), jnp.float32)
-    return _select_from_logits(logits, q_start, lengths, 1, sparse)
+    return _select_from_logits(logits, last, sparse, backend)
 
 
 def selection_stats(counts: jax.Array, q_start: jax.Array, lengths: jax.Array, q_len: int,

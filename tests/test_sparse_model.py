@@ -117,3 +117,16 @@ def test_pallas_backend_matches_reference(model, indexer):
     assert _err(ref(ROWS), pallas(ROWS)) <= TOL
     np.testing.assert_array_equal(pallas.generate(ROWS, 4, eos_token_id=()),
                                   ref.generate(ROWS, 4, eos_token_id=()))
+
+
+def test_indexer_quality_bounds(model, indexer):
+    """Selecting every block captures all the true mass at density 1; top-p 0.5 drops blocks
+    (and the mass in them)."""
+    from rtpurbo_jax.convert import indexer_quality
+
+    tokens = np.stack([ROWS[0][:144], ROWS[0][6:150]])
+    full = indexer_quality(model, _sparse(top_p=1.0), indexer, tokens)["mean"]
+    assert full["captured_mass"] == pytest.approx(1.0, abs=1e-5)
+    assert full["density"] == pytest.approx(1.0) and full["oracle_density"] == pytest.approx(1.0)
+    half = indexer_quality(model, _sparse(top_p=0.5), indexer, tokens)["mean"]
+    assert 0.0 < half["captured_mass"] < 1.0 and half["density"] < 1.0
