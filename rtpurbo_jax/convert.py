@@ -189,48 +189,83 @@ def _read_metrics(run_dir: Path) -> list[dict[str, float]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Profile the heads of a model and measure its SVD-initialised indexer (no training)."""
-    import argparse
+def _report_quality(quality: dict[str, Any], label: str, top_p: float) -> None:
+    m = quality["mean"]
+    print(f"{label} at p={top_p}: captures {m['captured_mass']:.3f} of the true block attention "
+          f"mass at density {m['density']:.3f} (oracle density {m['oracle_density']:.3f})")
 
-    from rtpurbo_jax.api import load
 
-    parser = argparse.ArgumentParser(prog="python -m rtpurbo_jax.convert", description=main.__doc__)
-    parser.add_argument("--source", default=None, help="model (default: the embedded one)")
-    parser.add_argument("--length", type=int, default=4096, help="tokens per sample")
-    parser.add_argument("--samples", type=int, default=4, help="profiling samples per task")
-    parser.add_argument("--threshold", type=float, default=0.1,
-                        help="retrieval score from which a head stays dense")
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results/profile/model", help="output path prefix")
-    args = parser.parse_args(argv)
-
-    model = load(args.source)
+def _profile_and_init(model: SparseModel, args: Any) -> None:
+    """Profile heads, choose them by threshold, measure the SVD-initialised indexer."""
     prof = profile(model, tasks=("passkey", "niah_multikey"), length=args.length,
                    samples_per_task=args.samples, seed=args.seed, progress=True)
     mask = choose_retrieval_heads(prof["score"], threshold=args.threshold)
     info = {"tasks": ["passkey", "niah_multikey"], "length": args.length,
             "samples": 2 * args.samples, "threshold": args.threshold}
     json_path, png_path = save_profile(args.out, prof, mask, model.config.name, info)
-    sparse = SparseConfig(mask, rank=args.rank, top_p=args.top_p)
+    top_p = args.top_p[0]
+    sparse = SparseConfig(mask, rank=args.rank, top_p=top_p)
     rng = np.random.default_rng(args.seed)
     train = text_tokens(model.tokenizer, "train")
     indexer = initial_indexer(model, sparse, text_windows(train, args.length, 2, rng))
     quality = indexer_quality(model, sparse, indexer, text_windows(train, args.length, 1, rng))
-    report = {"model": model.config.name, "length": args.length, "top_p": args.top_p,
+    report = {"model": model.config.name, "length": args.length, "top_p": top_p,
               "rank": args.rank, "retrieval_fraction": sparse.retrieval_fraction,
               "initial_indexer": quality}
     quality_path = Path(args.out).with_name(Path(args.out).name + "_init_quality.json")
     quality_path.write_text(json.dumps(report, indent=1))
-    m = quality["mean"]
     print(f"retrieval heads: {sum(map(sum, mask))} of {np.size(prof['score'])} "
           f"({sparse.retrieval_fraction:.1%}) at score >= {args.threshold}")
-    print(f"initial indexer at p={args.top_p}: captures {m['captured_mass']:.3f} of the true "
-          f"block attention mass at density {m['density']:.3f} (oracle density "
-          f"{m['oracle_density']:.3f})")
+    _report_quality(quality, "initial indexer", top_p)
     print(f"wrote {json_path}, {png_path}, {quality_path}")
+
+
+def _measure_checkpoint(model: SparseModel, args: Any) -> None:
+    """The trained indexer's captured mass and density at each top-p, on training-split text
+    (never the evaluation's samples)."""
+    from rtpurbo_jax.checkpoint import load_sparse
+
+    sparse, indexer, _ = load_sparse(args.sparse)
+    rng = np.random.default_rng(args.seed)
+    window = text_windows(text_tokens(model.tokenizer, "train"), args.length, 1, rng)
+    per_p = {}
+    for top_p in args.top_p:
+        quality = indexer_quality(model, sparse.replace(top_p=top_p), indexer, window)
+        per_p[str(top_p)] = quality
+        _report_quality(quality, "trained indexer", top_p)
+    path = Path(args.out).with_name(Path(args.out).name + "_quality.json")
+    path.write_text(json.dumps({"model": model.config.name, "checkpoint": str(args.sparse),
+                                "length": args.length, "seed": args.seed,
+                                "retrieval_fraction": sparse.retrieval_fraction,
+                                "quality_by_top_p": per_p}, indent=1))
+    print(f"wrote {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Profile a model's heads and measure its SVD-initialised indexer, or (with --sparse)
+    measure a trained sparse checkpoint's selection at several top-p."""
+    import argparse
+
+    from rtpurbo_jax.api import load
+
+    parser = argparse.ArgumentParser(prog="python -m rtpurbo_jax.convert", description=main.__doc__)
+    parser.add_argument("--source", default=None, help="model (default: the embedded one)")
+    parser.add_argument("--sparse", default=None, help="a trained sparse checkpoint to measure")
+    parser.add_argument("--length", type=int, default=4096, help="tokens per sample")
+    parser.add_argument("--samples", type=int, default=4, help="profiling samples per task")
+    parser.add_argument("--threshold", type=float, default=0.1,
+                        help="retrieval score from which a head stays dense")
+    parser.add_argument("--top-p", type=lambda s: [float(x) for x in s.split(",")],
+                        default=[0.9], help="comma-separated; the first one without --sparse")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results/profile/model", help="output path prefix")
+    args = parser.parse_args(argv)
+    model = load(args.source)
+    if args.sparse:
+        _measure_checkpoint(model, args)
+    else:
+        _profile_and_init(model, args)
 
 
 if __name__ == "__main__":
