@@ -8,6 +8,7 @@ import ml_collections
 
 from rtpurbo_jax.evaluation import default_eval_config
 from rtpurbo_jax.tasks import TASKS
+from rtpurbo_jax.tuning import default_tune_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -48,4 +49,5 @@ def base_config() -> ml_collections.ConfigDict:
         heads=dict(length=1024, samples=2, batch_size=2),
     ))
     config.eval = default_eval_config()
+    config.tune = default_tune_config()
     return config

@@ -488,7 +488,7 @@ def write_outputs(results: dict[str, Any], out_dir: Path, heads_file: Path) -> d
     return written
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -521,7 +521,7 @@ def mean_accuracy(cells: Sequence[dict[str, Any]], length: int, mode: str) -> fl
 
 def plot_accuracy(results: dict[str, Any], path: Path) -> None:
     """One panel per task and one over all tasks: accuracy vs length, a line per mode."""
-    plt = _pyplot()
+    plt = pyplot()
     cells, settings = results["cells"], results["settings"]
     lengths, modes, tasks = settings["lengths"], settings["modes"], settings["tasks"]
     panels = [*tasks, "all tasks"]
@@ -549,7 +549,7 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
 
 def plot_density(results: dict[str, Any], path: Path) -> None:
     """Density of each sparse mode vs length (over all tasks)."""
-    plt = _pyplot()
+    plt = pyplot()
     lengths = results["settings"]["lengths"]
     fig, ax = plt.subplots(figsize=(5.0, 3.6))
     for mode in (m for m in results["settings"]["modes"] if m != "full"):
