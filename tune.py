@@ -35,8 +35,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import jax
-
     from rtpurbo_jax import evaluation as ev_lib
     from rtpurbo_jax import tuning
     from rtpurbo_jax.config import ModelConfig
@@ -56,9 +54,8 @@ def main(argv: list[str]) -> None:
     model_config.dtype = ev.dtype or config.model.dtype
     model = ev_lib.load_eval_model(model_config, paths.sparse, backend=ev.backend)
     out_dir = Path(tune.out_dir or os.path.join("results", "eval", f"{config.name}_tuning"))
-    device = jax.devices()[0]
     meta = {"model": model.config.name or config.name, "config": config.name,
-            "device": getattr(device, "device_kind", None) or device.platform,
+            "device": ev_lib.device_name(),
             "commit": ev_lib.git_commit(Path(__file__).resolve().parent),
             "sparse_checkpoint": str(paths.sparse), "head_profile": str(paths.heads),
             "settings": {**tune.to_dict(), "lengths": sorted(ev.lengths),

@@ -37,6 +37,10 @@ from benchmarks.bench_kernels import (
     DTYPE,
     ERROR_CHARS,
     HEAD_DIM,
+    INNER_TOKENS,
+    LONG_PREFILL,
+    LONG_TIMED_RUNS,
+    MAX_INNER,
     NUM_HEADS,
     NUM_KV_HEADS,
     TIMED_RUNS,
@@ -87,12 +91,9 @@ DENSE_IMPL = "cudnn" if ON_GPU else None
 # Ceilings the floors use (as measured on H100 SXM parts of this kind, benchmarks/NOTES.md).
 PEAK_TFLOPS = 800.0
 PEAK_TBPS = 3.0
-# Timing: medians of TIMED_RUNS runs after warm-up; fewer at long prefills, where one dense
-# run takes seconds. Short calls are repeated inside one jitted region on distinct inputs.
-LONG_LENGTH = 512 * 1024
-LONG_TIMED_RUNS = 3
-INNER_TOKENS = 128 * 1024
-MAX_INNER = 4
+# Timing as bench_kernels (medians of TIMED_RUNS, LONG_TIMED_RUNS from LONG_PREFILL tokens,
+# short calls chained INNER_TOKENS // length to a region); a layer decode region holds fewer
+# calls over fewer caches, since each call also runs the indexer.
 DECODE_CALLS = 16
 # Distinct decode caches a timing cycles through (so one call's blocks are out of L2 by the
 # next use), within this memory budget.
@@ -265,7 +266,7 @@ def dense_prefill_cudnn(q, k, v):
 
 
 def runs_for(length: int) -> int:
-    return LONG_TIMED_RUNS if length >= LONG_LENGTH else TIMED_RUNS
+    return LONG_TIMED_RUNS if length >= LONG_PREFILL else TIMED_RUNS
 
 
 def inner_for(length: int) -> int:
@@ -345,7 +346,7 @@ class DenseTimes:
         self.ms[length] = time_ms(dense_prefill_cudnn, [(q, k, v)], runs)
         log(f"dense cuDNN {length}: {self.ms[length]:.2f} ms "
             f"({dense_prefill_flops(length) / self.ms[length] / 1e9:.0f} TFLOP/s)")
-        if length < LONG_LENGTH:
+        if length < LONG_PREFILL:
             lengths = jnp.full((1,), length, jnp.int32)
             self.model_ms[length] = time_ms(
                 lambda q, k, v: attention.dense_prefill(q, k, v, lengths, backend="auto"),

@@ -394,6 +394,12 @@ def load_eval_model(model_config: Any, sparse_path: str | os.PathLike[str], *,
     return model.with_sparse(sparse, indexer)
 
 
+def device_name() -> str:
+    """The first device's kind (e.g. "NVIDIA H100 80GB HBM3"), else its platform."""
+    device = jax.devices()[0]
+    return getattr(device, "device_kind", None) or device.platform
+
+
 def git_commit(repo: Path) -> str:
     """$COMMIT when set (a copy of the tree without git), else HEAD of the git checkout at
     repo, else "unknown" (an installed package)."""
@@ -451,11 +457,10 @@ def evaluate(config: Any, progress: bool = True) -> tuple[dict[str, Any], dict[s
     model = load_eval_model(model_config, paths.sparse, backend=ev.backend)
     tokenizer = task_tokenizer(model)
     suite = run_suite(model, tokenizer, ev, progress)
-    device = jax.devices()[0]
     results = {
         "model": model.config.name or config.name,
         "config": config.name,
-        "device": getattr(device, "device_kind", None) or device.platform,
+        "device": device_name(),
         "commit": git_commit(Path(__file__).resolve().parents[1]),
         **train_metadata(paths.run_dir, ev),
         "retrieval_fraction": model.sparse.retrieval_fraction,

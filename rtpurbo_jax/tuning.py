@@ -22,6 +22,8 @@ import numpy as np
 
 from rtpurbo_jax.api import SparseModel
 from rtpurbo_jax.config import SparseConfig
+from rtpurbo_jax.evaluation import mean_accuracy, pyplot, run_suite
+from rtpurbo_jax.heads import choose_retrieval_heads
 
 IndexerParams = dict[str, Any]
 
@@ -84,10 +86,8 @@ def add_retrieval_heads(sparse: SparseConfig, scores: np.ndarray, fraction: floa
         raise ValueError(f"retrieval fraction {fraction} means {target} heads, but the "
                          f"checkpoint already keeps {have} ({sparse.retrieval_fraction:.3f}); "
                          "only retrieval heads can be added without retraining")
-    order = np.argsort(-np.where(mask, -np.inf, scores).reshape(-1), kind="stable")
-    flat = mask.reshape(-1).copy()
-    flat[order[:target - have]] = True
-    return tuple(tuple(bool(x) for x in row) for row in flat.reshape(mask.shape))
+    # The checkpoint's own retrieval heads rank first, then the others by score.
+    return choose_retrieval_heads(np.where(mask, np.inf, scores), count=target)
 
 
 def variant(model: SparseModel, scores: np.ndarray, top_p: float, fraction: float
@@ -126,8 +126,6 @@ def suite_section(ev: Any, tune: Any, modes: Sequence[str]) -> ml_collections.Co
 def summarise(suite: dict[str, Any], mode: str) -> dict[str, Any]:
     """Mean accuracy (over tasks and lengths, and per length), density per length and
     perplexity of one mode in a run_suite result."""
-    from rtpurbo_jax.evaluation import mean_accuracy
-
     cells = [c for c in suite["cells"] if c["mode"] == mode]
     lengths = sorted({c["length"] for c in cells})
     by_length = {n: mean_accuracy(cells, n, mode) for n in lengths}
@@ -172,8 +170,6 @@ def validation_sweep(model: SparseModel, tokenizer: Any, scores: np.ndarray, ev:
     on_result(partial) is called after every variant, so an interrupted sweep keeps what it
     measured.
     """
-    from rtpurbo_jax.evaluation import run_suite
-
     check_tune_config(tune, ev)
     out: dict[str, Any] = {"full": summarise(
         run_suite(model, tokenizer, suite_section(ev, tune, ("full",)), progress), "full"),
@@ -193,8 +189,6 @@ def validation_sweep(model: SparseModel, tokenizer: Any, scores: np.ndarray, ev:
 def plot_sweep(sweep: dict[str, Any], title: str, path: Path) -> None:
     """Validation accuracy vs density at the largest length, a point per variant, full as a
     line."""
-    from rtpurbo_jax.evaluation import pyplot
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.4, 3.8))
     fractions = sorted({v["retrieval_fraction"] for v in sweep["variants"]})
