@@ -268,14 +268,22 @@ def time_prefill_sparse(q, k, v, lists, runs: int, **kwargs) -> float:
     return median_ms(lambda: jax.block_until_ready(fn(q, k, v, lists)), runs, len(lists))
 
 
-def time_prefill_dense(q, k, v, runs: int, inner: int) -> float:
+def time_prefill_fn(attend: Callable, q, k, v, runs: int, inner: int) -> float:
+    """ms per call of attend(q, k, v) -> like q, inner calls chained in one timed region.
+
+    Each call's output is the next call's query, so no call can be skipped or hoisted.
+    """
     def chain(q, k, v):
         for _ in range(inner):
-            q = dense_prefill(q, k, v)
+            q = attend(q, k, v)
         return q
 
     fn = jax.jit(chain)
     return median_ms(lambda: jax.block_until_ready(fn(q, k, v)), runs, inner)
+
+
+def time_prefill_dense(q, k, v, runs: int, inner: int) -> float:
+    return time_prefill_fn(dense_prefill, q, k, v, runs, inner)
 
 
 def run_prefill(args, rows: list[dict]) -> None:

@@ -14,6 +14,11 @@ Query i of row b sits at absolute position q_offset + i and is valid iff that po
 lengths[b]. It attends to the keys of its listed blocks that are causal (key position <= query
 position) and valid (key position < lengths[b]). Rows with no such key, and invalid rows,
 output exactly 0.
+
+With a static `window` (and `sink_tokens`), a query at position t also needs
+(s < sink_tokens) or (s > t - window) to see key s: attention sinks plus a sliding window that
+counts the query itself (window = 1: itself and the sinks). The lists must still cover every
+such key the caller wants (pallas_kernels.local_attention builds them); the mask is token-exact.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ MASK_VALUE = -1e30
 TARGET_TILE_ROWS = 128
 # Triton's matrix instructions need every dot dimension to be at least this large.
 MIN_DOT_DIM = 16
+# With a window, each program tile's range row holds (n_full, n_live, n_head, padding): Triton
+# blocks need power-of-2 sizes, so the three counts travel in four slots.
+WINDOW_RANGE_SLOTS = 4
 LOG2_E = math.log2(math.e)
 
 
@@ -45,6 +53,22 @@ def _is_power_of_2(n: int) -> bool:
 
 def _default_sm_scale(head_dim: int, sm_scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+
+
+def validate_window(window: int | None, sink_tokens: int) -> None:
+    """Raises ValueError unless (window, sink_tokens) is a valid static local-attention mask."""
+    if window is not None and window < 1:
+        raise ValueError(f"{window=} must be >= 1 (it counts the query itself) or None")
+    if sink_tokens < 0:
+        raise ValueError(f"{sink_tokens=} must be >= 0")
+
+
+def window_visible(
+    k_pos: jax.Array, q_pos: jax.Array, *, window: int, sink_tokens: int
+) -> jax.Array:
+    """Sink-or-window part of the local mask: key position k_pos is a sink or is among the
+    `window` latest positions up to query position q_pos (broadcasting, elementwise)."""
+    return (k_pos < sink_tokens) | (k_pos > q_pos - window)
 
 
 def _check_shapes(q, k, v, block_indices, block_counts, block_q: int) -> tuple[int, int]:
@@ -82,6 +106,8 @@ def sparse_attention_reference(
     lengths: jax.Array | None = None,
     q_offset: int = 0,
     sm_scale: float | None = None,
+    window: int | None = None,
+    sink_tokens: int = 0,
 ) -> jax.Array:
     """Block-sparse attention, the definition of correct (float32 throughout).
 
@@ -94,6 +120,8 @@ def sparse_attention_reference(
       lengths: [batch] int32 valid keys per row; defaults to kv_len.
       q_offset: absolute position of query 0.
       sm_scale: softmax scale; defaults to 1 / sqrt(head_dim).
+      window, sink_tokens: when window is not None, a query at t sees key s only if
+        s < sink_tokens or s > t - window (on top of the lists, causality and the length).
 
     Returns:
       [batch, q_len, num_heads, head_dim] in q's dtype.
@@ -102,6 +130,7 @@ def sparse_attention_reference(
     at O(batch * num_heads * block_q * max_sel * block_k) whatever the sequence length.
     """
     group, num_q_blocks = _check_shapes(q, k, v, block_indices, block_counts, block_q)
+    validate_window(window, sink_tokens)
     batch, q_len, num_heads, head_dim = q.shape
     _, kv_len, num_kv_heads, _ = k.shape
     max_sel = block_indices.shape[-1]
@@ -143,6 +172,11 @@ def sparse_attention_reference(
             & (k_pos[:, :, None, None] <= q_pos[None, None, None, :, None, None])
             & q_ok[:, None, None, :, None, None]
         )
+        if window is not None:
+            mask &= window_visible(
+                k_pos[:, :, None, None], q_pos[None, None, None, :, None, None],
+                window=window, sink_tokens=sink_tokens,
+            )
         s = jnp.where(mask, s, -jnp.inf)
         row_max = jnp.max(s, axis=(-2, -1), keepdims=True)
         # A row with no visible key has row_max == -inf: subtract 0 instead so p is 0, not NaN.
@@ -200,13 +234,17 @@ def _online_softmax_step(carry, q, k, v, mask, *, qk_scale, precision):
 def _prefill_kernel(
     q_ref, k_ref, v_ref, idx_ref, range_ref, len_ref, o_ref, *,
     num_tiles: int, tile_q: int, block_k: int, group: int, q_len: int, q_offset: int,
-    max_sel: int, qk_scale: float, fold_heads: bool, precision,
+    max_sel: int, qk_scale: float, fold_heads: bool, precision, window: int | None,
+    sink_tokens: int,
 ):
     """One program: all G query heads of one KV head, tile_q query tokens, the listed blocks.
 
     q_ref, o_ref: [tile_q, G, D]; k_ref, v_ref: [kv_len, D]; idx_ref: [max_sel];
     range_ref: [2] = (n_full, n_live): list entries [0, n_full) are causal for every row of the
     tile (no mask), [n_full, n_live) cross the diagonal or the length (masked); len_ref: scalar.
+    With a window, range_ref is [WINDOW_RANGE_SLOTS] = (n_full, n_live, n_head, _): entries
+    [0, n_head) hold a key older than some row's window (masked), [n_head, n_full) are fully
+    visible to every row, [n_full, n_live) masked as without a window.
     """
     tile = num_tiles - 1 - pl.program_id(0)  # heaviest (latest) tiles first: better tail
     row0 = tile * tile_q
@@ -262,10 +300,19 @@ def _prefill_kernel(
         k = _load(k_ref.at[pl.ds(j * block_k, block_k), :], kv_mask)
         v = _load(v_ref.at[pl.ds(j * block_k, block_k), :], kv_mask)
         mask = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < length)
+        if window is not None:
+            mask &= window_visible(k_pos[None, :], q_pos[:, None], window=window,
+                                   sink_tokens=sink_tokens)
         states = [step(c, q, k, v, mask) for c, q in zip(states, qs, strict=True)]
         return (*states, j_next)
 
-    carry = lax.fori_loop(0, n_full, full_block, (*init, block_id(0)))
+    if window is None:
+        carry = lax.fori_loop(0, n_full, full_block, (*init, block_id(0)))
+    else:
+        # Softmax order does not matter: the masked head first, then the unmasked middle.
+        n_head = range_ref[2]
+        carry = lax.fori_loop(0, n_head, masked_block, (*init, block_id(0)))
+        carry = lax.fori_loop(n_head, n_full, full_block, (*carry[:-1], block_id(n_head)))
     carry = lax.fori_loop(n_full, n_live, masked_block, (*carry[:-1], block_id(n_full)))
 
     row_valid = (q_pos < length)[:, None]
@@ -283,11 +330,14 @@ def _prefill_kernel(
 
 
 def _tile_ranges(block_indices, block_counts, lengths, *, tile_q: int, tiles_per_block: int,
-                 block_k: int, q_len: int, q_offset: int):
+                 block_k: int, q_len: int, q_offset: int, window: int | None = None):
     """Per program tile, the unmasked and the live prefix of its (ascending) list.
 
     Returns [B, K, num_tiles, 2] int32: n_full = entries whose every key is causal for every
     row of the tile; n_live = entries holding at least one causal key for some valid row.
+    With a window: [B, K, num_tiles, WINDOW_RANGE_SLOTS] = (n_full, n_live, n_head, n_live),
+    n_head <= n_full = leading entries whose first key is older than the window of the tile's
+    last valid row, so [n_head, n_full) is both causal and inside every row's window.
     """
     num_tiles = block_indices.shape[2] * tiles_per_block
     ids = jnp.repeat(block_indices, tiles_per_block, axis=2)  # [B, K, tiles, max_sel]
@@ -300,7 +350,14 @@ def _tile_ranges(block_indices, block_counts, lengths, *, tile_q: int, tiles_per
     n_live = jnp.where((p_last >= p_first)[:, None, :], jnp.sum(live, axis=-1), 0)
     full = listed & (ids < ((p_first + 1) // block_k)[:, None])
     n_full = jnp.minimum(jnp.sum(full, axis=-1), n_live)
-    return jnp.stack([n_full, n_live], axis=-1).astype(jnp.int32)
+    if window is None:
+        return jnp.stack([n_full, n_live], axis=-1).astype(jnp.int32)
+    # Sink blocks count as old here: at most ceil(sink_tokens / block_k) of them run masked.
+    old = listed & (ids * block_k <= (p_last - window)[:, None, :, None])
+    n_head = jnp.minimum(jnp.sum(old, axis=-1), n_full)
+    slots = [n_full, n_live, n_head]
+    slots += [n_live] * (WINDOW_RANGE_SLOTS - len(slots))
+    return jnp.stack(slots, axis=-1).astype(jnp.int32)
 
 
 def default_tile_q(block_q: int, group: int) -> int:
@@ -322,7 +379,7 @@ def default_prefill_params(tile_rows: int) -> tuple[int, int]:
     jax.jit,
     static_argnames=(
         "block_q", "block_k", "q_offset", "sm_scale", "interpret", "num_warps", "num_stages",
-        "tile_q", "fold_heads",
+        "tile_q", "fold_heads", "window", "sink_tokens",
     ),
 )
 def sparse_attention(
@@ -342,6 +399,8 @@ def sparse_attention(
     num_stages: int | None = None,
     tile_q: int | None = None,
     fold_heads: bool | None = None,
+    window: int | None = None,
+    sink_tokens: int = 0,
 ) -> jax.Array:
     """Block-sparse flash attention (Pallas, Triton lowering); same contract as the reference.
 
@@ -359,6 +418,7 @@ def sparse_attention(
         block share its list); defaults to default_tile_q(block_q, G).
       fold_heads: stack the G heads into one [tile_q * G, D] tile (one dot per block) instead of
         G separate dots; defaults to True when G is a power of 2 (Triton tiles must be).
+      window, sink_tokens: static local mask as in the reference (None: no window).
 
     Returns:
       [batch, q_len, num_heads, head_dim] in q's dtype.
@@ -378,6 +438,7 @@ def sparse_attention(
         raise ValueError(f"tile_q={tile_q} must divide block_q={block_q}")
     if fold_heads and not _is_power_of_2(group):
         raise ValueError(f"fold_heads needs a power-of-2 group size, got G={group}")
+    validate_window(window, sink_tokens)
     if lengths is None:
         lengths = jnp.full((batch,), kv_len, jnp.int32)
     if max_sel == 0:
@@ -395,13 +456,14 @@ def sparse_attention(
         _prefill_kernel, num_tiles=num_tiles, tile_q=tile_q, block_k=block_k, group=group,
         q_len=q_len, q_offset=q_offset, max_sel=max_sel,
         qk_scale=_default_sm_scale(head_dim, sm_scale) * LOG2_E, fold_heads=fold_heads,
-        precision=precision,
+        precision=precision, window=window, sink_tokens=sink_tokens,
     )
     block_indices = block_indices.astype(jnp.int32)
     lengths = lengths.astype(jnp.int32)
     ranges = _tile_ranges(
         block_indices, block_counts.astype(jnp.int32), lengths, tile_q=tile_q,
         tiles_per_block=tiles_per_block, block_k=block_k, q_len=q_len, q_offset=q_offset,
+        window=window,
     )
 
     # Grid (tile, KV head, batch): consecutive programs are neighbouring query tiles of one KV
@@ -431,7 +493,7 @@ def sparse_attention(
             kv_spec,
             kv_spec,
             pl.BlockSpec((None, None, None, max_sel), list_map),
-            pl.BlockSpec((None, None, None, 2), range_map),
+            pl.BlockSpec((None, None, None, ranges.shape[-1]), range_map),
             pl.BlockSpec((None,), len_map),
         ],
         out_specs=q_spec,

@@ -33,6 +33,8 @@ class Case:
     q_offset: int = 0
     kv_len: int | None = None  # None: q_offset + q_len
     kernel_kwargs: tuple[tuple[str, object], ...] = ()
+    window: int | None = None  # None: no sink/window mask
+    sink_tokens: int = 0
 
     @property
     def keys(self) -> int:
@@ -100,12 +102,15 @@ def dense_mask(idx, cnt, lengths, case: Case):
     visible = listed[:, :, t // case.block_q][..., s // case.block_k]
     q_pos = case.q_offset + t
     lens = np.asarray(lengths)[:, None, None, None]
-    return (
+    mask = (
         visible
         & (s[None, None, None, :] <= q_pos[None, None, :, None])
         & (s[None, None, None, :] < lens)
         & (q_pos[None, None, :, None] < lens)
     )
+    if case.window is not None:
+        mask &= (s < case.sink_tokens)[None, :] | (s[None, :] > q_pos[:, None] - case.window)
+    return mask
 
 
 def naive_attention(q, k, v, mask):
@@ -137,6 +142,9 @@ def assert_close(out, ref, dtype):
 REFERENCE_CASES = [
     Case(1, 2, 70, 4, 2, 16, 16, 16, jnp.float32, lengths=(70, 45)),
     Case(2, 1, 40, 8, 2, 32, 32, 16, jnp.float32, lengths=(75,), q_offset=37, kv_len=90),
+    # Sinks + sliding window over random lists, in a later chunk.
+    Case(3, 1, 60, 4, 2, 16, 16, 16, jnp.float32, lengths=(90,), q_offset=30, kv_len=90,
+         window=23, sink_tokens=5),
 ]
 
 
@@ -145,7 +153,7 @@ def test_reference_matches_naive_dense(case):
     q, k, v, idx, cnt, lengths = make_inputs(case)
     ref = sparse_attention_reference(
         q, k, v, idx, cnt, block_q=case.block_q, block_k=case.block_k, lengths=lengths,
-        q_offset=case.q_offset,
+        q_offset=case.q_offset, window=case.window, sink_tokens=case.sink_tokens,
     )
     mask = dense_mask(idx, cnt, lengths, case)
     naive = naive_attention(q, k, v, mask)
@@ -186,6 +194,10 @@ KERNEL_CASES = [
     # Per-head loop forced for G = 4, with an explicit program tile.
     Case(16, 1, 96, 8, 2, 64, 64, 32, jnp.float32, lengths=(90,),
          kernel_kwargs=(("fold_heads", False), ("tile_q", 16))),
+    # Sinks (> block_k) + a window over random lists (blocks partly or wholly outside it), in a
+    # later chunk: the window is on absolute positions.
+    Case(17, 2, 64, 8, 2, 64, 32, 16, jnp.float32, lengths=(150, 100), q_offset=96, kv_len=160,
+         window=50, sink_tokens=20),
 ]
 
 
@@ -193,7 +205,7 @@ KERNEL_CASES = [
 def test_kernel_matches_reference(case):
     q, k, v, idx, cnt, lengths = make_inputs(case)
     kwargs = dict(block_q=case.block_q, block_k=case.block_k, lengths=lengths,
-                  q_offset=case.q_offset)
+                  q_offset=case.q_offset, window=case.window, sink_tokens=case.sink_tokens)
     ref = sparse_attention_reference(q, k, v, idx, cnt, **kwargs)
     out = sparse_attention(q, k, v, idx, cnt, interpret=True, **kwargs, **dict(case.kernel_kwargs))
     assert out.shape == q.shape and out.dtype == q.dtype
