@@ -21,12 +21,22 @@ def base_config() -> ml_collections.ConfigDict:
     config.distributed = False  # multi-host: call jax.distributed.initialize() first
 
     config.sparse = ml_collections.ConfigDict(dict(
+        # "indexer": sparse KV groups select blocks in prefill and decode (our first design);
+        # "paper": retrieval query heads dense in prefill, top-p in decode; the rest on sinks +
+        # a window (configs/*_paper.py).
+        design="indexer",
         rank=16, top_p=0.9, block_q=64, block_k=64, sink_blocks=1, local_blocks=2,
         min_blocks=0, max_blocks=None, temperature=1.0,
+        sink_tokens=4, window=8192,  # the paper's local heads (design "paper")
     ))
     config.heads = ml_collections.ConfigDict(dict(
-        mask_file="",  # a JSON with "retrieval_mask" (e.g. a heads.json): skips profiling
+        mask_file="",  # a JSON with "retrieval_mask" (e.g. a heads.json): skips calibration
+        # "tasks": needle mass of retrieval-task answers, per KV head; "needle": the paper's
+        # Eq. 3 on a real document with a repeated span, per query head.
+        method="tasks",
+        granularity="query",  # design "paper": choose single query heads, or whole "kv" groups
         tasks=("passkey", "niah_multikey"), length=4096, samples=8, batch_size=4,
+        needle_tokens=64, documents=1,  # method "needle": span length, documents averaged
         rule="threshold",  # "threshold" | "fraction" | "count"
         rule_value=0.1,
     ))
@@ -46,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.cpu_schedule = ml_collections.ConfigDict(dict(
         train=dict(steps=12, seq_len=1024, batch_size=1, warmup_steps=3, checkpoint_every=4,
                    calibration_windows=2),
-        heads=dict(length=1024, samples=2, batch_size=2),
+        heads=dict(length=1024, samples=2, batch_size=2, needle_tokens=32),
     ))
     config.eval = default_eval_config()
     config.tune = default_tune_config()

@@ -1,8 +1,9 @@
-"""Attention of one layer, routed per KV head, for a whole prompt (prefill) or one step (decode).
+"""Attention of one layer, routed per head, for a whole prompt (prefill) or one step (decode).
 
-Retrieval KV groups (all of them in a dense model) attend densely over the causal prefix; every
-other group attends only to the key blocks its selection chose, all of a group's query heads
-sharing one selection. Each layer splits its heads once into those two sets.
+Design "indexer" (and a dense model), here: retrieval KV groups (all of them in a dense model)
+attend densely over the causal prefix; every other group attends only to the key blocks its
+selection chose, all of a group's query heads sharing one selection. Each layer splits its
+heads once into those two sets. Design "paper": `paper_attention`.
 
 `backend` picks the implementations: "reference" (pure jnp, any device), "pallas" (the Pallas
 kernels; interpreted when there is no GPU) or "auto" (cuDNN + Pallas on GPU, reference elsewhere).
@@ -18,11 +19,12 @@ import numpy as np
 
 from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_reference
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_reference
+from rtpurbo_jax import paper_attention
 from rtpurbo_jax.cache import layer_groups, write_parts
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.dense import cudnn_supported, dense_attention_cudnn, dense_attention_reference
 from rtpurbo_jax.indexer import indexer_keys
-from rtpurbo_jax.model import AttendFn, query_heads
+from rtpurbo_jax.model import QKV, AttendFn, query_heads
 from rtpurbo_jax.selection import select_decode, select_prefill, selection_stats, use_pallas
 
 BACKENDS = ("reference", "pallas", "auto")
@@ -174,6 +176,10 @@ def layer_decode(
     return _merge_heads(pieces, config.num_heads), cache, stats
 
 
+def _is_paper(sparse: SparseConfig | None) -> bool:
+    return sparse is not None and sparse.design == "paper"
+
+
 def prefill_attend(
     config: ModelConfig, lengths: jax.Array, backend: str, sparse: SparseConfig | None = None,
     indexer: dict[str, Any] | None = None,
@@ -184,12 +190,18 @@ def prefill_attend(
     for a forward pass without a cache; coming out it is {"cache": ..., "stats": ...}.
     """
 
-    def attend(i: int, q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: Any):
+    def attend(i: int, qkv: QKV, layer_cache: Any):
         layer_indexer = indexer["layers"][i] if indexer is not None else {}
-        out, parts, stats = layer_prefill(q, k, v, lengths, i, config, sparse, layer_indexer,
-                                          backend)
+        starts = jnp.zeros_like(lengths)
+        if _is_paper(sparse):
+            ring = layer_cache["kw"].shape[1] if layer_cache and "kw" in layer_cache else None
+            out, parts, stats = paper_attention.layer_prefill(
+                qkv, lengths, i, config, sparse, layer_indexer, backend, dense_prefill, ring)
+        else:
+            out, parts, stats = layer_prefill(qkv.q, qkv.k, qkv.v, lengths, i, config, sparse,
+                                              layer_indexer, backend)
         if layer_cache is not None:
-            layer_cache = write_parts(layer_cache, parts, jnp.zeros_like(lengths))
+            layer_cache = write_parts(layer_cache, parts, starts, starts)
         return out, {"cache": layer_cache, "stats": stats}
 
     return attend
@@ -204,10 +216,15 @@ def decode_attend(
     lengths: [batch], the filled positions before this step.
     """
 
-    def attend(i: int, q: jax.Array, k: jax.Array, v: jax.Array, layer_cache: Any):
+    def attend(i: int, qkv: QKV, layer_cache: Any):
         layer_indexer = indexer["layers"][i] if indexer is not None else {}
-        out, cache, stats = layer_decode(q, k, v, layer_cache, lengths, i, config, sparse,
-                                         layer_indexer, backend)
+        if _is_paper(sparse):
+            out, cache, stats = paper_attention.layer_decode(
+                qkv, layer_cache, lengths, i, config, sparse, layer_indexer, backend,
+                dense_decode)
+        else:
+            out, cache, stats = layer_decode(qkv.q, qkv.k, qkv.v, layer_cache, lengths, i,
+                                             config, sparse, layer_indexer, backend)
         return out, {"cache": cache, "stats": stats}
 
     return attend

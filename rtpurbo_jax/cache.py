@@ -1,16 +1,25 @@
 """KV cache layout and the writes that prefill and decode make into it.
 
 A cache is a dict:
-  layers:  one dict per layer, heads split once by their role:
+  layers:  one dict per layer, heads split once by their role (`layer_part_shapes`):
+           design "indexer" (and a dense model):
              k, v    [batch, max_len, dense_groups, head_dim]   retrieval (dense) KV heads
              ks, vs  [batch, max_len, sparse_groups, head_dim]  sparse KV heads
              ki      [batch, max_len, sparse_groups, rank]      their indexer keys
+           design "paper":
+             k, v    [batch, max_len, full_groups, head_dim]    groups with a retrieval head
+             kw, vw  [batch, ring, window_groups, head_dim]     all-local groups: a ring buffer
+             ki      [batch, max_len, retrieval_heads, rank]    pre-RoPE indexer keys, per head
            (a part is absent when its group count is zero; a dense model has only k, v)
   lengths: [batch] int32, how many positions of each row are filled
 
 Rows are right-padded: row b's tokens sit at positions 0 .. lengths[b]-1, so a decode step writes
-row b's new token at lengths[b]. Sparse heads keep their full KV too (any block may be selected
-at any step); what they save is reading it.
+row b's new token at lengths[b]. Sparse heads of the indexer design keep their full KV too (any
+block may be selected at any step); what they save is reading it. The paper design's all-local
+groups keep only what their heads can ever see again: the first `sink_tokens` positions and the
+last `window` ones. Position p lives in ring slot p while p < sink_tokens, else in slot
+sink_tokens + (p - sink_tokens) % window, so the ring always holds the sinks and the newest
+`window` positions, and its filled slots are a prefix (`ring_filled`).
 """
 
 from __future__ import annotations
@@ -19,38 +28,117 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 
 Cache = dict[str, Any]
+# Parts of a layer cache indexed by absolute position; every other part is a ring buffer.
+POSITIONAL_PARTS = ("k", "v", "ks", "vs", "ki")
+RING_PARTS = ("kw", "vw")
 
 
 def layer_groups(config: ModelConfig, sparse: SparseConfig | None, layer: int
                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(dense KV groups, sparse KV groups) of a layer; a dense model has no sparse groups."""
+    """(dense KV groups, sparse KV groups) of a layer of the indexer design; a dense model has
+    no sparse groups."""
     if sparse is None:
         return tuple(range(config.num_kv_heads)), ()
     return sparse.retrieval_groups(layer), sparse.sparse_groups(layer)
+
+
+def ring_size(sparse: SparseConfig, max_len: int) -> int:
+    """Slots of an all-local group's ring: sinks + window, or max_len if that is smaller (then
+    the ring never wraps)."""
+    return min(max_len, sparse.sink_tokens + sparse.window)
+
+
+def ring_slots(positions: jax.Array, sparse: SparseConfig, size: int) -> jax.Array:
+    """The ring slot of each absolute position (see the module docstring)."""
+    period = max(size - sparse.sink_tokens, 1)
+    wrapped = sparse.sink_tokens + (positions - sparse.sink_tokens) % period
+    return jnp.where(positions < sparse.sink_tokens, positions, wrapped)
+
+
+def ring_filled(lengths: jax.Array, size: int) -> jax.Array:
+    """Filled slots of a ring after `lengths` positions: [batch]."""
+    return jnp.minimum(lengths, size)
+
+
+def ring_from_prefill(x: jax.Array, lengths: jax.Array, sparse: SparseConfig, size: int
+                      ) -> jax.Array:
+    """The ring a prompt leaves: x: [batch, seq, groups, dim] at positions 0 .. seq-1, rows
+    valid up to lengths[b] -> [batch, size, groups, dim] (unfilled slots zero).
+
+    Slot j holds the newest position p < lengths[b] whose slot is j.
+    """
+    sink = sparse.sink_tokens
+    period = max(size - sink, 1)
+    slot = jnp.arange(size)
+    offset = slot - sink  # within the window part
+    # Newest p = sink + offset + period * n with p < length: n = (length - 1 - sink - offset)
+    # // period, valid when that is >= 0.
+    n = (lengths[:, None] - 1 - sink - offset[None]) // period
+    windowed = sink + offset[None] + period * jnp.maximum(n, 0)
+    pos = jnp.where(slot[None] < sink, slot[None], windowed)  # [batch, size]
+    valid = jnp.where(slot[None] < sink, slot[None] < lengths[:, None], n >= 0)
+    pos = jnp.clip(pos, 0, x.shape[1] - 1)
+    ring = jnp.take_along_axis(x, pos[:, :, None, None], axis=1)
+    return jnp.where(valid[:, :, None, None], ring, jnp.zeros_like(ring))
+
+
+def layer_part_shapes(config: ModelConfig, sparse: SparseConfig | None, layer: int, batch: int,
+                      max_len: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every part of one layer's cache: the one declaration that both allocation
+    (`empty_cache`) and byte counts (`kv_cache_bytes`) derive from."""
+    d = config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {}
+    if sparse is not None and sparse.design == "paper":
+        full, window = sparse.full_groups(layer), sparse.window_groups(layer)
+        if full:
+            shapes.update(k=(batch, max_len, len(full), d), v=(batch, max_len, len(full), d))
+        if window:
+            ring = ring_size(sparse, max_len)
+            shapes.update(kw=(batch, ring, len(window), d), vw=(batch, ring, len(window), d))
+        heads = sparse.retrieval_heads(layer)
+        if heads and sparse.scorer == "indexer":
+            shapes["ki"] = (batch, max_len, len(heads), sparse.rank)
+        return shapes
+    dense, sparse_groups = layer_groups(config, sparse, layer)
+    if dense:
+        shapes.update(k=(batch, max_len, len(dense), d), v=(batch, max_len, len(dense), d))
+    if sparse_groups:
+        shapes.update(ks=(batch, max_len, len(sparse_groups), d),
+                      vs=(batch, max_len, len(sparse_groups), d))
+        if sparse.scorer == "indexer":
+            shapes["ki"] = (batch, max_len, len(sparse_groups), sparse.rank)
+    return shapes
 
 
 def empty_cache(
     config: ModelConfig, batch: int, max_len: int, dtype: Any, sparse: SparseConfig | None = None
 ) -> Cache:
     """A zeroed cache for `batch` rows of up to `max_len` positions."""
-    layers = []
-    for layer in range(config.num_layers):
-        dense, sparse_groups = layer_groups(config, sparse, layer)
-        parts: dict[str, jax.Array] = {}
-        if dense:
-            shape = (batch, max_len, len(dense), config.head_dim)
-            parts.update(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-        if sparse_groups:
-            shape = (batch, max_len, len(sparse_groups), config.head_dim)
-            parts.update(ks=jnp.zeros(shape, dtype), vs=jnp.zeros(shape, dtype))
-            if sparse.scorer == "indexer":
-                parts["ki"] = jnp.zeros((batch, max_len, len(sparse_groups), sparse.rank), dtype)
-        layers.append(parts)
+    layers = [{name: jnp.zeros(shape, dtype) for name, shape in
+               layer_part_shapes(config, sparse, layer, batch, max_len).items()}
+              for layer in range(config.num_layers)]
     return {"layers": layers, "lengths": jnp.zeros((batch,), jnp.int32)}
+
+
+def kv_cache_bytes(config: ModelConfig, sparse: SparseConfig | None, batch: int, max_len: int,
+                   dtype: Any) -> dict[str, int]:
+    """Bytes of a cache of `max_len` positions, without allocating it: {"kv": keys and values,
+    "indexer": indexer keys, "total"}."""
+    itemsize = np.dtype(dtype).itemsize
+    kv = indexer = 0
+    for layer in range(config.num_layers):
+        for name, shape in layer_part_shapes(config, sparse, layer, batch, max_len).items():
+            size = int(np.prod(shape)) * itemsize
+            if name == "ki":
+                indexer += size
+            else:
+                kv += size
+    return {"kv": kv, "indexer": indexer, "total": kv + indexer}
 
 
 def write_rows(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
@@ -67,6 +155,11 @@ def write_rows(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Arra
 
 
 def write_parts(layer_cache: dict[str, jax.Array], parts: dict[str, jax.Array],
-                starts: jax.Array) -> dict[str, jax.Array]:
-    """Writes every part (k, v, ks, vs, ki: [batch, seq, ...]) at per-row offsets."""
-    return {name: write_rows(layer_cache[name], parts[name], starts) for name in layer_cache}
+                starts: jax.Array, ring_starts: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Writes every part ([batch, seq, ...]) at per-row offsets: positional parts at `starts`,
+    ring parts at `ring_starts` (their slots; needed only when the cache has ring parts)."""
+    out = {}
+    for name, buffer in layer_cache.items():
+        at = ring_starts if name in RING_PARTS else starts
+        out[name] = write_rows(buffer, parts[name], at)
+    return out

@@ -105,7 +105,7 @@ def load_sparse(
                                     f"{SAFETENSORS_FILE})")
     indexer = unflatten_indexer(flat, sparse.num_layers)
     for layer in range(sparse.num_layers):
-        if bool(sparse.sparse_groups(layer)) != bool(indexer["layers"][layer]):
+        if bool(sparse.indexed_heads(layer)) != bool(indexer["layers"][layer]):
             raise SparseCheckpointError(f"{path}: layer {layer}'s indexer weights do not match "
                                         "its retrieval mask")
     return sparse, indexer, meta["base"]

@@ -161,6 +161,8 @@ SELECTION_MODES = ("top_p", "top_k")
 # Where block scores come from: the trained indexer, the model's true attention (an upper bound
 # for any indexer), or nowhere (only the forced sink and local blocks).
 SCORERS = ("indexer", "oracle", "none")
+# How heads are routed (see SparseConfig).
+DESIGNS = ("indexer", "paper")
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -169,15 +171,24 @@ def _is_power_of_two(n: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class SparseConfig:
-    """What turns a dense model into an RTPurbo one.
+    """What turns a dense model into an RTPurbo one, in one of two designs.
 
-    retrieval_mask[layer][kv_head] is True for KV heads (GQA groups) that keep full attention;
-    every other group attends to the key blocks its indexer selects. Blocks are `block_k` keys;
-    in prefill a query block of `block_q` tokens shares one selection. The first `sink_blocks`
-    blocks and the last `local_blocks` causal blocks are always kept; then either top-p (the
-    smallest set whose indexer mass reaches `top_p`) or top-k (`top_k_blocks` blocks in all),
-    clamped to [min_blocks, max_blocks] (max_blocks None: no cap). The indexer projects each
-    group's queries and keys to `rank` dims; its logits are scaled by 1 / temperature. `scorer`
+    design "indexer" (our first design): retrieval_mask[layer][kv_head] is True for KV heads (GQA
+    groups) that keep full attention; every other group attends, in prefill and decode, to the
+    key blocks its post-RoPE indexer selects. Every group keeps its full KV cache.
+
+    design "paper" (the paper's): retrieval_mask[layer][query_head] is True for retrieval query
+    heads: dense in prefill, top-p block-sparse in decode, the blocks chosen by a pre-RoPE indexer
+    of their own. Every other query head is local: it sees the first `sink_tokens` keys and the
+    last `window` keys (itself included), in prefill and decode. A KV group whose query heads are
+    all local keeps only a ring buffer of sink_tokens + window keys; `group_size` (query heads per
+    KV head) maps query heads to groups.
+
+    Blocks are `block_k` keys; in prefill a query block of `block_q` tokens shares one selection.
+    The first `sink_blocks` blocks and the last `local_blocks` causal blocks are always kept; then
+    either top-p (the smallest set whose indexer mass reaches `top_p`) or top-k (`top_k_blocks`
+    blocks in all), clamped to [min_blocks, max_blocks] (max_blocks None: no cap). The indexer
+    projects queries and keys to `rank` dims; its logits are scaled by 1 / temperature. `scorer`
     says what ranks the blocks (see SCORERS).
     """
 
@@ -194,12 +205,18 @@ class SparseConfig:
     selection: str = "top_p"
     top_k_blocks: int | None = None
     scorer: str = "indexer"
+    design: str = "indexer"
+    group_size: int = 1
+    sink_tokens: int = 4
+    window: int = 1024
 
     def __post_init__(self) -> None:
         mask = tuple(tuple(bool(x) for x in row) for row in self.retrieval_mask)
         object.__setattr__(self, "retrieval_mask", mask)
+        if self.design not in DESIGNS:
+            raise ConfigError(f"design must be one of {DESIGNS}, got {self.design!r}")
         if not mask or len({len(row) for row in mask}) != 1 or not mask[0]:
-            raise ConfigError("retrieval_mask must be a non-empty [layers][kv_heads] grid")
+            raise ConfigError("retrieval_mask must be a non-empty [layers][heads] grid")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.rank <= 0:
@@ -224,6 +241,19 @@ class SparseConfig:
             raise ConfigError("selection 'top_k' needs top_k_blocks >= 1")
         if self.scorer not in SCORERS:
             raise ConfigError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if self.design == "paper":
+            self._check_paper()
+
+    def _check_paper(self) -> None:
+        if self.group_size < 1 or len(self.retrieval_mask[0]) % self.group_size:
+            raise ConfigError(f"group_size ({self.group_size}) must divide the query heads per "
+                              f"layer ({len(self.retrieval_mask[0])})")
+        if self.window < self.block_k:
+            raise ConfigError(f"window ({self.window} tokens) is smaller than a block (block_k "
+                              f"= {self.block_k}); use a window of at least one block")
+        if not 0 <= self.sink_tokens <= self.window:
+            raise ConfigError(f"sink_tokens ({self.sink_tokens}) must be in [0, window = "
+                              f"{self.window}]")
 
     @property
     def num_layers(self) -> int:
@@ -231,29 +261,80 @@ class SparseConfig:
 
     @property
     def num_kv_heads(self) -> int:
+        if self.design == "paper":
+            return len(self.retrieval_mask[0]) // self.group_size
         return len(self.retrieval_mask[0])
 
     def retrieval_groups(self, layer: int) -> tuple[int, ...]:
-        """KV heads of `layer` that keep full attention."""
+        """KV heads of `layer` that keep full attention (design "indexer")."""
         return tuple(g for g, dense in enumerate(self.retrieval_mask[layer]) if dense)
 
     def sparse_groups(self, layer: int) -> tuple[int, ...]:
-        """KV heads of `layer` that attend to selected blocks."""
+        """KV heads of `layer` that attend to selected blocks (design "indexer")."""
         return tuple(g for g, dense in enumerate(self.retrieval_mask[layer]) if not dense)
 
+    def retrieval_heads(self, layer: int) -> tuple[int, ...]:
+        """Query heads of `layer` that are retrieval heads (design "paper")."""
+        return tuple(h for h, r in enumerate(self.retrieval_mask[layer]) if r)
+
+    def local_heads(self, layer: int) -> tuple[int, ...]:
+        """Query heads of `layer` on sinks + window (design "paper")."""
+        return tuple(h for h, r in enumerate(self.retrieval_mask[layer]) if not r)
+
+    def full_groups(self, layer: int) -> tuple[int, ...]:
+        """KV heads of `layer` that keep their full KV cache (design "paper"): those with a
+        retrieval query head. A group may drop its far past only when all its heads are local."""
+        return tuple(sorted({h // self.group_size for h in self.retrieval_heads(layer)}))
+
+    def window_groups(self, layer: int) -> tuple[int, ...]:
+        """KV heads of `layer` whose query heads are all local (design "paper"): they keep a ring
+        buffer of sink_tokens + window keys."""
+        full = set(self.full_groups(layer))
+        return tuple(g for g in range(self.num_kv_heads) if g not in full)
+
+    def indexed_heads(self, layer: int) -> tuple[int, ...]:
+        """What carries indexer weights in `layer`: the sparse KV groups (design "indexer") or
+        the retrieval query heads (design "paper")."""
+        if self.design == "paper":
+            return self.retrieval_heads(layer)
+        return self.sparse_groups(layer)
+
     @property
-    def retrieval_fraction(self) -> float:
+    def query_head_fraction(self) -> float:
+        """Fraction of query heads with full attention in prefill (retrieval heads)."""
         cells = [x for row in self.retrieval_mask for x in row]
         return sum(cells) / len(cells)
 
+    @property
+    def kv_group_fraction(self) -> float:
+        """Fraction of KV groups that keep their full KV cache."""
+        if self.design == "indexer":
+            return 1.0
+        full = sum(len(self.full_groups(layer)) for layer in range(self.num_layers))
+        return full / (self.num_layers * self.num_kv_heads)
+
+    @property
+    def retrieval_fraction(self) -> float:
+        """Fraction of heads that are retrieval heads: of KV heads (design "indexer"), of query
+        heads (design "paper")."""
+        return self.query_head_fraction
+
     def check_model(self, model: ModelConfig) -> None:
         """Raises ConfigError unless this config fits `model`."""
-        shape = (model.num_layers, model.num_kv_heads)
-        if (self.num_layers, self.num_kv_heads) != shape:
-            raise ConfigError(f"retrieval_mask is [{self.num_layers}][{self.num_kv_heads}], the "
-                              f"model has [layers][kv_heads] = {list(shape)}")
-        if model.sliding_window is not None and any(
-                self.sparse_groups(i) for i in range(self.num_layers)):
+        if self.design == "paper":
+            shape = (model.num_layers, model.num_heads)
+            what = "[layers][query heads]"
+            if self.group_size != model.group_size:
+                raise ConfigError(f"group_size is {self.group_size}, the model's GQA group is "
+                                  f"{model.group_size}")
+        else:
+            shape = (model.num_layers, model.num_kv_heads)
+            what = "[layers][kv_heads]"
+        have = (self.num_layers, len(self.retrieval_mask[0]))
+        if have != shape:
+            raise ConfigError(f"retrieval_mask is [{have[0]}][{have[1]}], the model has {what} "
+                              f"= {list(shape)}")
+        if model.sliding_window is not None and self.query_head_fraction < 1.0:
             raise ConfigError("sparse heads on a sliding-window model are not supported")
 
     def replace(self, **changes: Any) -> SparseConfig:

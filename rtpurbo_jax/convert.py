@@ -1,8 +1,13 @@
 """The conversion steps a dense model goes through to become an RTPurbo model.
 
-profile heads -> choose retrieval heads -> initialise the indexer from the model's own queries
+calibrate heads -> choose retrieval heads -> initialise the indexer from the model's own queries
 -> (train.py distils it) -> a sparse checkpoint. Each step is a function of a loaded model;
 `indexer_quality` measures how well an indexer's selection covers the true attention.
+
+Heads are calibrated by `heads.method`: "needle" (the paper's Eq. 3: attention from a repeated
+span to its first copy, per query head) or "tasks" (attention on the needles of retrieval-task
+answers, per KV head). The design decides the granularity of the mask: KV heads ("indexer") or
+query heads ("paper", choosing single heads or whole KV groups by `heads.granularity`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,16 @@ import numpy as np
 from rtpurbo_jax.api import SparseModel
 from rtpurbo_jax.config import SparseConfig
 from rtpurbo_jax.data import corpus_tokens
-from rtpurbo_jax.heads import choose_retrieval_heads, profile_heads, save_profile
+from rtpurbo_jax.heads import (
+    choose_query_heads,
+    choose_retrieval_heads,
+    group_scores,
+    needle_document,
+    needle_scores,
+    profile_heads,
+    save_needle_profile,
+    save_profile,
+)
 from rtpurbo_jax.indexer import indexer_keys, init_indexer
 from rtpurbo_jax.model import query_heads
 from rtpurbo_jax.selection import select_prefill, selection_quality
@@ -33,6 +47,9 @@ CALIBRATION_ROWS = 16384
 # Separates the calibration text's random stream from the training data's.
 CALIBRATION_STREAM = 7
 RULES = ("threshold", "fraction", "count")
+METHODS = ("needle", "tasks")
+# Separates the needle documents' random stream from the other calibration streams.
+NEEDLE_STREAM = 11
 
 _collect_qk = jax.jit(collect_qk, static_argnames=("config", "backend"))
 
@@ -52,14 +69,16 @@ def profile(model: SparseModel, *, tasks: Sequence[str], length: int, samples_pe
 
 
 def calibration_queries(model: SparseModel, tokens: np.ndarray, seed: int = 0,
-                        batch_size: int = 1) -> list[np.ndarray]:
-    """Per layer, rotated queries [rows, heads, head_dim] of the model on tokens [n, seq]."""
+                        batch_size: int = 1, pre_rope: bool = False) -> list[np.ndarray]:
+    """Per layer, queries [rows, heads, head_dim] of the model on tokens [n, seq]: rotated, or
+    before RoPE (`pre_rope`, what the paper design's indexer reads)."""
     per_layer: list[list[np.ndarray]] = [[] for _ in range(model.config.num_layers)]
     for start in range(0, len(tokens), batch_size):
         chunk = jnp.asarray(tokens[start:start + batch_size])
         lengths = jnp.full((chunk.shape[0],), chunk.shape[1], jnp.int32)
-        for layer, (q, _) in enumerate(_collect_qk(model.params, chunk, lengths, model.config,
-                                                   model.backend)):
+        for layer, qkv in enumerate(_collect_qk(model.params, chunk, lengths, model.config,
+                                                model.backend)):
+            q = qkv.q_pre if pre_rope else qkv.q
             per_layer[layer].append(np.asarray(q, np.float32).reshape(-1, *q.shape[2:]))
     rng = np.random.default_rng(seed)
     out = []
@@ -71,8 +90,9 @@ def calibration_queries(model: SparseModel, tokens: np.ndarray, seed: int = 0,
 
 
 def initial_indexer(model: SparseModel, sparse: SparseConfig, tokens: np.ndarray) -> dict[str, Any]:
-    """The SVD-initialised indexer of `sparse`'s sparse groups, calibrated on tokens [n, seq]."""
-    return init_indexer(calibration_queries(model, tokens), model.config, sparse)
+    """The SVD-initialised indexer of `sparse`'s indexed heads, calibrated on tokens [n, seq]."""
+    queries = calibration_queries(model, tokens, pre_rope=sparse.design == "paper")
+    return init_indexer(queries, model.config, sparse)
 
 
 def indexer_quality(model: SparseModel, sparse: SparseConfig, indexer: dict[str, Any],
@@ -86,7 +106,8 @@ def indexer_quality(model: SparseModel, sparse: SparseConfig, indexer: dict[str,
     states = _collect_qk(model.params, batch, lengths, model.config, model.backend)
     g_size = model.config.group_size
     per_layer = []
-    for layer, (q, k) in enumerate(states):
+    for layer, qkv in enumerate(states):
+        q, k = qkv.q, qkv.k
         groups = sparse.sparse_groups(layer)
         if not groups:
             per_layer.append(None)
@@ -125,26 +146,66 @@ def read_mask(path: Path) -> tuple[tuple[bool, ...], ...]:
     return tuple(tuple(bool(x) for x in row) for row in rows)
 
 
-def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path
-                   ) -> tuple[tuple[bool, ...], ...]:
-    """The mask from heads.mask_file, from an earlier profile in run_dir, or profiled now
-    (written to run_dir/heads.json and heads.png)."""
+def _rule(heads: Any) -> dict[str, float]:
+    if heads.rule not in RULES:
+        raise ValueError(f"heads.rule must be one of {RULES}, got {heads.rule!r}")
+    return {heads.rule: int(heads.rule_value) if heads.rule == "count" else
+            float(heads.rule_value)}
+
+
+def needle_calibration(model: SparseModel, heads: Any, seed: int, tokenizer: Any
+                       ) -> tuple[np.ndarray, dict[str, Any]]:
+    """The paper's retrieval score of every query head: [layers, heads], and what it ran on."""
+    rng = np.random.default_rng([seed, NEEDLE_STREAM])
+    text = text_tokens(tokenizer, "train")
+    documents = [needle_document(text, heads.length, heads.needle_tokens, rng)
+                 for _ in range(heads.documents)]
+    scores = needle_scores(model.params, model.config, documents, backend=model.backend,
+                           progress=True)
+    return scores, {"method": "needle", "length": heads.length,
+                    "needle_tokens": heads.needle_tokens, "documents": heads.documents}
+
+
+def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path,
+                   design: str = "indexer") -> tuple[tuple[bool, ...], ...]:
+    """The mask from heads.mask_file, from an earlier calibration in run_dir, or calibrated now
+    (written to run_dir/heads.json and heads.png): [layers][kv_heads] for design "indexer",
+    [layers][query heads] for design "paper"."""
     if heads.mask_file:
         if not Path(heads.mask_file).exists():
             raise FileNotFoundError(f"heads.mask_file {heads.mask_file} does not exist")
         return read_mask(Path(heads.mask_file))
     if (run_dir / "heads.json").exists():
         return read_mask(run_dir / "heads.json")
-    if heads.rule not in RULES:
-        raise ValueError(f"heads.rule must be one of {RULES}, got {heads.rule!r}")
+    if heads.method not in METHODS:
+        raise ValueError(f"heads.method must be one of {METHODS}, got {heads.method!r}")
+    rule, tokenizer, config = _rule(heads), task_tokenizer(model), model.config
+    if heads.method == "needle":
+        scores, info = needle_calibration(model, heads, seed, tokenizer)
+        info.update(rule)
+        info["design"] = design
+        if design == "paper":
+            mask = choose_query_heads(scores, config.group_size, granularity=heads.granularity,
+                                      **rule)
+            save_needle_profile(run_dir / "heads", scores, mask, config.name, info,
+                                config.group_size, granularity=heads.granularity)
+        else:  # one score per KV head: its query heads' mean
+            per_group = group_scores(scores, config.group_size)
+            mask = choose_query_heads(per_group, 1, granularity="query", **rule)
+            save_needle_profile(run_dir / "heads", per_group, mask, config.name, info, 1)
+        return mask
     prof = profile(model, tasks=tuple(heads.tasks), length=heads.length,
                    samples_per_task=heads.samples, seed=seed, batch_size=heads.batch_size,
-                   progress=True, tokenizer=task_tokenizer(model))
-    value = int(heads.rule_value) if heads.rule == "count" else float(heads.rule_value)
-    mask = choose_retrieval_heads(prof["score"], **{heads.rule: value})
-    info = {"tasks": list(heads.tasks), "length": heads.length,
-            "samples": heads.samples * len(heads.tasks), heads.rule: value}
-    save_profile(run_dir / "heads", prof, mask, model.config.name, info)
+                   progress=True, tokenizer=tokenizer)
+    mask = choose_retrieval_heads(prof["score"], **rule)
+    info = {"method": "tasks", "tasks": list(heads.tasks), "length": heads.length,
+            "samples": heads.samples * len(heads.tasks), **rule}
+    json_path, _ = save_profile(run_dir / "heads", prof, mask, config.name, info)
+    if design == "paper":  # a KV head's query heads all follow it
+        mask = tuple(tuple(x for x in row for _ in range(config.group_size)) for row in mask)
+        record = json.loads(json_path.read_text())
+        record.update(retrieval_mask=[list(row) for row in mask], granularity="kv")
+        json_path.write_text(json.dumps(record, indent=1))
     return mask
 
 
@@ -158,8 +219,9 @@ def run_conversion(config: Any, run_dir: Path) -> dict[str, Any]:
     model = load_from_config(config.model)
     tokenizer = task_tokenizer(model)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-    mask = retrieval_mask(model, config.heads, config.seed, run_dir)
-    sparse = SparseConfig(mask, **config.sparse.to_dict())
+    design = config.sparse.design
+    mask = retrieval_mask(model, config.heads, config.seed, run_dir, design)
+    sparse = SparseConfig(mask, group_size=model.config.group_size, **config.sparse.to_dict())
     sparse.check_model(model.config)
     train = config.train
     rng = np.random.default_rng([config.seed, CALIBRATION_STREAM])

@@ -4,7 +4,8 @@ Both follow one mask convention, shared with the sparse kernels:
   q: [batch, q_len, heads, head_dim] at absolute positions q_positions [batch, q_len];
   k, v: [batch, kv_len, kv_heads, head_dim] at positions 0 .. kv_len-1;
   key j is visible to a query at position p iff j <= p and j < kv_lengths[b] (and, with a sliding
-  window w, j > p - w); a query with p >= kv_lengths[b] is padding and outputs 0.
+  window w, j > p - w or j < sink_tokens: the paper's local heads, sinks + window); a query with
+  p >= kv_lengths[b] is padding and outputs 0.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ def _scale(head_dim: int, sm_scale: float | None) -> float:
 
 
 def visible_keys(
-    q_positions: jax.Array, kv_len: int, kv_lengths: jax.Array, sliding_window: int | None
+    q_positions: jax.Array, kv_len: int, kv_lengths: jax.Array, sliding_window: int | None,
+    sink_tokens: int = 0,
 ) -> jax.Array:
     """[batch, q_len, kv_len] bool: which keys each query may attend to."""
     kpos = jnp.arange(kv_len)[None, None, :]
     qpos = q_positions[:, :, None]
     mask = (kpos <= qpos) & (kpos < kv_lengths[:, None, None])
     if sliding_window is not None:
-        mask &= kpos > qpos - sliding_window
+        mask &= (kpos > qpos - sliding_window) | (kpos < sink_tokens)
     return mask
 
 
@@ -61,6 +63,7 @@ def dense_attention_reference(
     kv_lengths: jax.Array,
     *,
     sliding_window: int | None = None,
+    sink_tokens: int = 0,
     sm_scale: float | None = None,
 ) -> jax.Array:
     """Dense attention in chunks of queries (see the module docstring for the mask)."""
@@ -77,7 +80,7 @@ def dense_attention_reference(
     def one_chunk(i: jax.Array) -> jax.Array:
         qc = jax.lax.dynamic_slice_in_dim(q_pad, i * chunk, chunk, axis=1)
         pc = jax.lax.dynamic_slice_in_dim(pos_pad, i * chunk, chunk, axis=1)
-        mask = visible_keys(pc, k.shape[1], kv_lengths, sliding_window)
+        mask = visible_keys(pc, k.shape[1], kv_lengths, sliding_window, sink_tokens)
         mask &= (pc < kv_lengths[:, None])[:, :, None]
         return masked_softmax_attention(qc, k, v, mask[:, None], scale)
 

@@ -1,16 +1,24 @@
 """The accuracy suite: a sparse model beside its baselines, on the same samples.
 
-Modes, all built from one loaded sparse model:
+Modes, all built from one loaded base model and its sparse checkpoints:
   full       dense attention in every head (the base model);
-  rtpurbo    the checkpoint's own SparseConfig: indexer + dynamic top-p;
-  topk       the same indexer with a fixed number of blocks per query block, matched at each
-             length to rtpurbo's measured density there (so rtpurbo runs first);
-  streaming  sparse heads see only the sink and local blocks (a DuoAttention-style baseline);
-  oracle     top-p on the true attention instead of the indexer: the ceiling for any indexer.
+  rtpurbo    the checkpoint at eval.sparse, in whichever design it was converted;
+  paper,     the converted model in each design (eval.paper, eval.indexer), for comparing the
+  indexer    two designs on the same samples;
+  topk       the rtpurbo checkpoint's indexer (design "indexer") with a fixed number of blocks
+             per query block, matched at each length to rtpurbo's measured density there;
+  streaming  with a paper-design checkpoint (eval.paper, or rtpurbo's own): every head on the
+             same sinks + window (StreamingLLM, the floor); otherwise the indexer design's
+             sparse heads on their sink and local blocks only (DuoAttention-style);
+  oracle     the same checkpoint with blocks ranked by the true attention instead of the
+             indexer: the ceiling for any indexer.
 
 Per (task, length, mode) cell: exact-match accuracy of greedy answers over `samples` seeded
-prompts, and for the sparse modes the density (selected / causal candidate key blocks of the
-sparse heads in the prefill). Per mode: perplexity on held-out text at the largest length.
+prompts; for the sparse modes the mode's selection density, and per query head the compute
+density of the prefill and of the decode steps (attended / causal keys, over all query heads).
+Per length and mode: the paired difference to `full` on the same samples with a bootstrap
+interval. Per mode: perplexity on held-out text at the largest length (a forward pass: the
+paper design's decode-time selection plays no part in it), and KV-cache bytes.
 
 Seeds: `eval.seed` draws the test samples and text windows. Tune anything (top_p, the head
 choice, the budget) on a separate validation seed (e.g. 2) and never on the test seed, or the
@@ -35,14 +43,23 @@ from tqdm import tqdm
 
 from rtpurbo_jax import generate as gen
 from rtpurbo_jax.api import SparseModel, check_arch, load, load_from_config
+from rtpurbo_jax.cache import kv_cache_bytes
 from rtpurbo_jax.checkpoint import CONFIG_FILE, SparseCheckpointError, load_sparse
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.convert import task_tokenizer
 from rtpurbo_jax.tasks import TASKS, Sample, is_correct, make_samples
 from rtpurbo_jax.text import text_tokens, text_windows
 
-MODES = ("full", "rtpurbo", "topk", "streaming", "oracle")
+MODES = ("full", "rtpurbo", "topk", "paper", "indexer", "streaming", "oracle")
 SPARSE_MODES = MODES[1:]
+# What `python eval.py` runs with one checkpoint (eval.sparse) and no design checkpoints.
+DEFAULT_MODES = ("full", "rtpurbo", "topk", "streaming", "oracle")
+# Modes that are a converted model in one design (eval.<design> names its checkpoint).
+DESIGN_MODES = ("paper", "indexer")
+# The paired bootstrap of each mode's accuracy difference to full.
+BOOTSTRAP_RESAMPLES = 10000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
 # How a context length becomes a prompt: the answer must fit in the length too.
 LENGTH_RULE = "prompt_tokens = length - max_new_tokens"
 # A padding row of a batch is one token long: it has exactly one causal key block, which every
@@ -67,6 +84,8 @@ def default_eval_config() -> ml_collections.ConfigDict:
     """The `eval` section of a config; every field can be set as --config.eval.<field>=..."""
     return ml_collections.ConfigDict(dict(
         sparse="",  # the sparse checkpoint directory; empty: <run_dir>/sparse
+        paper="",  # the paper-design checkpoint of modes paper (and streaming, oracle)
+        indexer="",  # the indexer-design checkpoint of mode indexer
         run_dir="",  # the training run (train_summary.json, heads.json); empty: as train.py
         heads_file="",  # a head profile JSON for the heatmap; empty: <run_dir>/heads.json
         out_dir="",  # empty: results/eval/<config name>
@@ -75,7 +94,7 @@ def default_eval_config() -> ml_collections.ConfigDict:
         samples=50,  # per (task, length) cell; every mode sees the same ones
         # The test seed. Tune on a separate validation seed (e.g. 2), never on this one.
         seed=1,
-        modes=MODES,
+        modes=DEFAULT_MODES,  # add "paper" / "indexer" with eval.paper / eval.indexer
         batch_size=8,
         max_new_tokens=12,
         perplexity_windows=8,  # held-out text windows at the largest length; 0: no perplexity
@@ -108,6 +127,10 @@ def check_eval_config(ev: Any, max_context: int) -> None:
     if "topk" in modes and "rtpurbo" not in modes:
         raise ValueError("eval mode 'topk' needs 'rtpurbo' too: its budget is matched to "
                          "rtpurbo's measured density")
+    for name in DESIGN_MODES:
+        if name in modes and not ev.get(name):
+            raise ValueError(f"eval mode {name!r} needs its checkpoint: set "
+                             f"--config.eval.{name}=<{name}-design checkpoint dir>")
     tasks = tuple(ev.tasks)
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
@@ -164,20 +187,71 @@ def topk_budget(density: float | None, prompt_len: int, sparse: SparseConfig) ->
 
 def mode_sparse(mode: str, sparse: SparseConfig, top_k_blocks: int | None = None
                 ) -> SparseConfig | None:
-    """The SparseConfig of a mode (None: dense), derived from the checkpoint's own."""
+    """The SparseConfig of a mode (None: dense), derived from one checkpoint's own."""
     if mode == "full":
         return None
-    if mode == "rtpurbo":
+    if mode in ("rtpurbo", *DESIGN_MODES):
         return sparse
     if mode == "topk":
         if top_k_blocks is None:
             raise ValueError("mode 'topk' needs its block budget")
+        if sparse.design != "indexer":
+            raise ValueError("mode 'topk' needs an indexer-design checkpoint at eval.sparse")
         return sparse.replace(selection="top_k", top_k_blocks=top_k_blocks)
     if mode == "streaming":
+        if sparse.design == "paper":  # every head local: sinks + the same window
+            mask = tuple((False,) * len(row) for row in sparse.retrieval_mask)
+            return sparse.replace(retrieval_mask=mask)
         return sparse.replace(scorer="none")
     if mode == "oracle":
         return sparse.replace(scorer="oracle")
     raise ValueError(f"unknown eval mode {mode!r}; modes are {MODES}")
+
+
+Checkpoint = tuple[SparseConfig, Any]  # (SparseConfig, indexer params)
+
+
+def mode_model(mode: str, model: SparseModel, designs: dict[str, Checkpoint],
+               top_k_blocks: int | None = None) -> SparseModel:
+    """The model of a mode: `model` carries the rtpurbo checkpoint, `designs` the checkpoints of
+    the design modes; streaming and oracle derive from the paper-design checkpoint when there
+    is one."""
+    if mode in DESIGN_MODES:
+        if mode not in designs:
+            raise ValueError(f"eval mode {mode!r} needs a {mode}-design checkpoint: set "
+                             f"--config.eval.{mode}=<checkpoint dir>")
+        sparse, indexer = designs[mode]
+        return model.with_sparse(sparse, indexer)
+    sparse, indexer = model.sparse, model.indexer
+    if mode in ("streaming", "oracle") and "paper" in designs:
+        sparse, indexer = designs["paper"]
+    return model.with_sparse(mode_sparse(mode, sparse, top_k_blocks), indexer)
+
+
+def compute_density(stats: np.ndarray, sparse: SparseConfig | None) -> float | None:
+    """Attended / causal keys per query head over all heads, from a mode's stats [2]: the paper
+    design counts tokens over all heads already; the indexer design counts its sparse heads'
+    blocks, and its retrieval heads attend everything."""
+    d = density(stats)
+    if sparse is None or sparse.design == "paper" or d is None:
+        return d if sparse is not None else 1.0
+    f = sparse.query_head_fraction
+    return f + (1.0 - f) * d
+
+
+def paired_difference(full: np.ndarray, other: np.ndarray, *,
+                      resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                      confidence: float = CONFIDENCE) -> dict[str, float]:
+    """Mean of other - full over the same samples (0/1 hits [n] each), with a percentile
+    bootstrap interval resampling samples (pairs stay together)."""
+    diffs = np.asarray(other, np.float64) - np.asarray(full, np.float64)
+    if diffs.ndim != 1 or not len(diffs):
+        raise ValueError("paired_difference needs two equal-length 1-D hit arrays")
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), (resamples, len(diffs)))].mean(axis=1)
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return {"diff": float(diffs.mean()), "ci_low": float(low), "ci_high": float(high)}
 
 
 def density(stats: np.ndarray) -> float | None:
@@ -186,10 +260,13 @@ def density(stats: np.ndarray) -> float | None:
 
 
 def pad_row_stats(sparse: SparseConfig | None) -> np.ndarray:
-    """[selected, candidate] blocks one padding row adds to the prefill stats: its single block,
-    once for every sparse KV group of every layer."""
+    """[selected, candidate] one padding row adds to the prefill stats: its single block, once
+    for every sparse KV group of every layer (design "indexer"), or its single key, once for
+    every query head of every layer (design "paper")."""
     if sparse is None:
         return np.zeros(2)
+    if sparse.design == "paper":
+        return np.full(2, float(sparse.num_layers * len(sparse.retrieval_mask[0])))
     groups = sum(len(sparse.sparse_groups(layer)) for layer in range(sparse.num_layers))
     return np.full(2, float(groups))
 
@@ -216,7 +293,8 @@ def completion_text(new_tokens: np.ndarray, tokenizer: Any, eos_ids: Sequence[in
 
 def generate_batch(model: SparseModel, tokens: np.ndarray, lengths: np.ndarray,
                    max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy new tokens [batch, max_new_tokens] and the prefill's selection stats [2]."""
+    """Greedy new tokens [batch, max_new_tokens] and the selection stats [2, 2] of the prefill
+    (row 0) and the decode steps (row 1)."""
     eos = model.config.eos_token_ids
     out, stats = gen.generate(
         model.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(GREEDY_KEY_SEED),
@@ -228,28 +306,34 @@ def generate_batch(model: SparseModel, tokens: np.ndarray, lengths: np.ndarray,
 
 @dataclasses.dataclass(frozen=True)
 class CellResult:
-    """correct of n samples; stats [2]: the real rows' summed [selected, candidate] blocks."""
+    """correct of n samples (hits [n]: each sample's 0/1); stats [2]: the real rows' summed
+    prefill [selected, candidate]; decode_stats [2]: the decode steps' (padding rows included:
+    choose a batch size that divides the samples to leave none)."""
 
     correct: int
     n: int
     stats: np.ndarray
+    hits: np.ndarray
+    decode_stats: np.ndarray
 
 
 def run_cell(model: SparseModel, samples: Sequence[Sample], tokenizer: Any, batch_size: int,
              max_new_tokens: int, on_samples: Callable[[int], Any] | None = None) -> CellResult:
     """Greedy answers to equal-length samples, batched; on_samples(n) after each batch."""
-    correct, stats = 0, np.zeros(2)
+    hits, stats, decode_stats = [], np.zeros(2), np.zeros(2)
     pad_stats = pad_row_stats(model.sparse)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         tokens, lengths = batch_prompts([s.prompt for s in chunk], batch_size)
         new, batch_stats = generate_batch(model, tokens, lengths, max_new_tokens)
-        correct += sum(is_correct(completion_text(row, tokenizer, model.config.eos_token_ids),
-                                  s.answer) for row, s in zip(new[:len(chunk)], chunk, strict=True))
-        stats += batch_stats - (batch_size - len(chunk)) * pad_stats
+        hits += [is_correct(completion_text(row, tokenizer, model.config.eos_token_ids), s.answer)
+                 for row, s in zip(new[:len(chunk)], chunk, strict=True)]
+        stats += batch_stats[0] - (batch_size - len(chunk)) * pad_stats
+        decode_stats += batch_stats[1]
         if on_samples is not None:
             on_samples(len(chunk))
-    return CellResult(correct, len(samples), stats)
+    hit_array = np.asarray(hits, bool)
+    return CellResult(int(hit_array.sum()), len(samples), stats, hit_array, decode_stats)
 
 
 def _window_nll(params: Any, tokens: jax.Array, config: ModelConfig, backend: str,
@@ -298,14 +382,16 @@ def build_samples(tasks: Sequence[str], lengths: Sequence[int], ev: Any, tokeniz
     return out
 
 
-def run_suite(model: SparseModel, tokenizer: Any, ev: Any, progress: bool = False
-              ) -> dict[str, Any]:
-    """Accuracy, density and perplexity of every mode; `model` carries the sparse checkpoint.
+def run_suite(model: SparseModel, tokenizer: Any, ev: Any, progress: bool = False,
+              designs: dict[str, Checkpoint] | None = None) -> dict[str, Any]:
+    """Accuracy, density and perplexity of every mode; `model` carries the sparse checkpoint of
+    mode rtpurbo, `designs` those of the modes paper and indexer.
 
     Loop order is length, mode, task: one compiled generate program per (length, mode) serves
     every task, since all prompts of a length have one shape. Returns {"cells", "density",
-    "topk_budget", "perplexity"} as in the results JSON.
+    "paired", "kv_bytes", "topk_budget", "perplexity"} as in the results JSON.
     """
+    designs = designs or {}
     if model.sparse is None:
         raise ValueError("the suite needs a sparse model (a sparse checkpoint attached)")
     check_eval_config(ev, model.config.max_position_embeddings)
@@ -316,6 +402,8 @@ def run_suite(model: SparseModel, tokenizer: Any, ev: Any, progress: bool = Fals
     cells: list[dict[str, Any]] = []
     densities: list[dict[str, Any]] = []
     budgets: dict[int, dict[str, Any]] = {}
+    hits: dict[tuple[int, str], np.ndarray] = {}
+    kv_bytes: list[dict[str, Any]] = []
     total = len(lengths) * len(modes) * len(tasks) * ev.samples
     with tqdm(total=total, desc="eval", unit="sample", disable=not progress) as bar:
         for length in lengths:
@@ -331,28 +419,43 @@ def run_suite(model: SparseModel, tokenizer: Any, ev: Any, progress: bool = Fals
                         "mean_candidate_blocks": mean_candidate_blocks(
                             prompt_len, sparse.block_q, sparse.block_k),
                         "top_k_blocks": k}
-                mode_model = model.with_sparse(mode_sparse(mode, sparse, k))
-                stats = np.zeros(2)
+                run_model = mode_model(mode, model, designs, k)
+                stats, decode_stats, mode_hits = np.zeros(2), np.zeros(2), []
                 for task in tasks:
                     bar.set_postfix_str(f"{length} tokens, {mode}, {task}")
-                    cell = run_cell(mode_model, samples[task, length], tokenizer, ev.batch_size,
+                    cell = run_cell(run_model, samples[task, length], tokenizer, ev.batch_size,
                                     ev.max_new_tokens, bar.update)
                     stats += cell.stats
+                    decode_stats += cell.decode_stats
+                    mode_hits.append(cell.hits)
                     cells.append({"task": task, "length": length, "mode": mode,
                                   "accuracy": cell.correct / cell.n, "n": cell.n,
-                                  "density": None if mode == "full" else density(cell.stats)})
+                                  "density": None if mode == "full" else density(cell.stats),
+                                  "compute_density": compute_density(cell.stats,
+                                                                     run_model.sparse)})
+                hits[length, mode] = np.concatenate(mode_hits)
+                kv_bytes.append({"length": length, "mode": mode, **kv_cache_bytes(
+                    model.config, run_model.sparse, 1, length, model.params["embed"].dtype)})
                 if mode != "full":
-                    densities.append({"length": length, "mode": mode, "density": density(stats)})
+                    densities.append({
+                        "length": length, "mode": mode, "density": density(stats),
+                        "compute_density": compute_density(stats, run_model.sparse),
+                        "decode_density": compute_density(decode_stats, run_model.sparse)})
     for budget in budgets.values():
         budget["topk_density"] = next(d["density"] for d in densities
                                       if d["length"] == budget["length"] and d["mode"] == "topk")
-    return {"cells": cells, "density": densities, "topk_budget": list(budgets.values()),
-            "perplexity": run_perplexity(model, tokenizer, ev, modes, budgets, progress)}
+    paired = [{"length": length, "mode": mode,
+               **paired_difference(hits[length, "full"], hits[length, mode])}
+              for length in lengths for mode in modes if mode != "full" and "full" in modes]
+    return {"cells": cells, "density": densities, "paired": paired, "kv_bytes": kv_bytes,
+            "topk_budget": list(budgets.values()),
+            "perplexity": run_perplexity(model, tokenizer, ev, modes, budgets, progress,
+                                         designs)}
 
 
 def run_perplexity(model: SparseModel, tokenizer: Any, ev: Any, modes: Sequence[str],
-                   budgets: dict[int, dict[str, Any]], progress: bool = False
-                   ) -> list[dict[str, Any]]:
+                   budgets: dict[int, dict[str, Any]], progress: bool = False,
+                   designs: dict[str, Checkpoint] | None = None) -> list[dict[str, Any]]:
     """Per mode, perplexity on eval.perplexity_windows held-out windows of the largest length
     (topk with that length's budget)."""
     if ev.perplexity_windows == 0:
@@ -363,7 +466,7 @@ def run_perplexity(model: SparseModel, tokenizer: Any, ev: Any, modes: Sequence[
     out = []
     for mode in tqdm(modes, desc="perplexity", unit="mode", disable=not progress):
         k = budgets[length]["top_k_blocks"] if mode == "topk" else None
-        result = perplexity(model.with_sparse(mode_sparse(mode, model.sparse, k)), windows,
+        result = perplexity(mode_model(mode, model, designs or {}, k), windows,
                             ev.perplexity_batch_size)
         out.append({"mode": mode, "length": length, "windows": ev.perplexity_windows, **result})
     return out
@@ -392,6 +495,24 @@ def load_eval_model(model_config: Any, sparse_path: str | os.PathLike[str], *,
         raise SparseCheckpointError(f"sparse checkpoint {path} was made for base model "
                                     f"{base['name']!r}, not for random weights")
     return model.with_sparse(sparse, indexer)
+
+
+def load_designs(model: SparseModel, ev: Any) -> dict[str, Checkpoint]:
+    """The checkpoints named by eval.paper and eval.indexer, each checked to be of that design
+    and made for the loaded base weights."""
+    designs = {}
+    for name in DESIGN_MODES:
+        if not ev.get(name):
+            continue
+        sparse, indexer, base = load_sparse(ev[name])
+        if sparse.design != name:
+            raise SparseCheckpointError(f"eval.{name} = {ev[name]} is a {sparse.design}-design "
+                                        f"checkpoint, not a {name}-design one")
+        if base["fingerprint"] != model.fingerprint:
+            raise SparseCheckpointError(f"eval.{name} = {ev[name]} was made for base model "
+                                        f"{base['name']!r}, not for {model.config.name!r}")
+        designs[name] = (sparse, indexer)
+    return designs
 
 
 def device_name() -> str:
@@ -455,8 +576,9 @@ def evaluate(config: Any, progress: bool = True) -> tuple[dict[str, Any], dict[s
     model_config = config.model.copy_and_resolve_references()
     model_config.dtype = ev.dtype or config.model.dtype
     model = load_eval_model(model_config, paths.sparse, backend=ev.backend)
+    designs = load_designs(model, ev)
     tokenizer = task_tokenizer(model)
-    suite = run_suite(model, tokenizer, ev, progress)
+    suite = run_suite(model, tokenizer, ev, progress, designs)
     results = {
         "model": model.config.name or config.name,
         "config": config.name,
@@ -466,6 +588,10 @@ def evaluate(config: Any, progress: bool = True) -> tuple[dict[str, Any], dict[s
         "retrieval_fraction": model.sparse.retrieval_fraction,
         "sparse_checkpoint": str(paths.sparse),
         "sparse_config": json.loads(model.sparse.to_json()),
+        "designs": {name: {"checkpoint": str(ev[name]), "sparse_config": json.loads(
+            sparse.to_json()), "query_head_fraction": sparse.query_head_fraction,
+            "kv_group_fraction": sparse.kv_group_fraction}
+            for name, (sparse, _) in designs.items()},
         "settings": {"tasks": list(ev.tasks), "lengths": sorted(ev.lengths),
                      "modes": [m for m in MODES if m in ev.modes], "samples": ev.samples,
                      "seed": ev.seed, "batch_size": ev.batch_size,
@@ -506,7 +632,7 @@ def _mode_style(mode: str) -> dict[str, Any]:
     """One color and marker per mode in every plot; markers shrink down the list so lines that
     coincide (equal accuracies) stay visible."""
     i = MODES.index(mode)
-    return {"color": f"C{i}", "marker": "osD^v"[i], "markersize": 9 - 1.5 * i, "label": mode}
+    return {"color": f"C{i}", "marker": "osD^vP*"[i], "markersize": 9 - i, "label": mode}
 
 
 def _length_axis(ax: Any, lengths: Sequence[int]) -> None:

@@ -97,14 +97,18 @@ def prefill(
 def decode_step(
     params: Params, cache: Cache, tokens: jax.Array, config: ModelConfig, backend: str,
     sparse: SparseConfig | None = None, indexer: Indexer = None,
-) -> tuple[jax.Array, Cache]:
-    """Appends one token per row. tokens: [batch]. Returns (logits [batch, vocab], cache)."""
+) -> tuple[jax.Array, Cache, jax.Array]:
+    """Appends one token per row. tokens: [batch].
+
+    Returns (logits [batch, vocab], cache, the step's selection stats [2]).
+    """
     lengths = cache["lengths"]
     attend = decode_attend(config, lengths, backend, sparse, indexer)
     hidden, states = decoder(params, tokens[:, None], lengths[:, None], config, attend,
                              cache["layers"])
     layers = [s["cache"] for s in states]
-    return lm_logits(params, hidden[:, 0], config), {"layers": layers, "lengths": lengths + 1}
+    new_cache = {"layers": layers, "lengths": lengths + 1}
+    return lm_logits(params, hidden[:, 0], config), new_cache, _sum_stats(states)
 
 
 def sample(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
@@ -149,8 +153,8 @@ def generate(
     """Generates up to max_new_tokens per row after a right-padded prompt.
 
     tokens: [batch, prompt_len]; lengths: [batch]. Returns ([batch, max_new_tokens] int32: each
-    row's new tokens, its end-of-sequence token included, then pad_id; the prompt's selection
-    stats [2]).
+    row's new tokens, its end-of-sequence token included, then pad_id; selection stats [2, 2]:
+    the prompt's (row 0) and the decode steps' summed (row 1), each [attended, candidates]).
     """
     b, t = tokens.shape
     logits, cache, stats = prefill(params, tokens, lengths, config, t + max_new_tokens, backend,
@@ -159,17 +163,20 @@ def generate(
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
 
     def cond(carry):
-        step, _, _, _, done = carry
+        step, _, _, _, done, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, logits, cache, out, done = carry
+        step, logits, cache, out, done, decode_stats = carry
         token = sample(logits, jax.random.fold_in(key, step), sampling)
         token = jnp.where(done, pad_id, token)
         out = out.at[:, step].set(token)
         done = done | jnp.isin(token, eos)
-        logits, cache = decode_step(params, cache, token, config, backend, sparse, indexer)
-        return step + 1, logits, cache, out, done
+        # The last step's logits are never sampled: no decode step after the final token.
+        logits, cache, step_stats = decode_step(params, cache, token, config, backend, sparse,
+                                                indexer)
+        return step + 1, logits, cache, out, done, decode_stats + step_stats
 
-    carry = (jnp.int32(0), logits, cache, out, jnp.zeros((b,), bool))
-    return jax.lax.while_loop(cond, body, carry)[3], stats
+    carry = (jnp.int32(0), logits, cache, out, jnp.zeros((b,), bool), jnp.zeros_like(stats))
+    final = jax.lax.while_loop(cond, body, carry)
+    return final[3], jnp.stack([stats, final[5]])

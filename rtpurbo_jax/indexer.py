@@ -1,11 +1,18 @@
 """The low-rank token indexer: parameters, projections, initialisation and distillation loss.
 
-For each sparse KV group g of a layer, with query heads h of that group:
+Design "indexer": for each sparse KV group g of a layer, with query heads h of that group:
   indexer query  qi_t = sum_h q_{h,t} @ wq[g, h]     ([head_dim] -> [rank], summed over heads)
   indexer key    ki_s = k_{g,s} @ wk[g]               ([head_dim] -> [rank])
 on the rotated (post-RoPE) q and k the attention itself uses. Indexer parameters of a model:
   {"layers": [{"wq": [sparse_groups, group_size, head_dim, rank],
                "wk": [sparse_groups, head_dim, rank]}  (an empty dict for all-retrieval layers)]}
+
+Design "paper": one indexer per retrieval query head h, on the pre-RoPE q and k (the paper's
+Eq. 4: high-frequency RoPE pairs oscillate with distance and hide long-range affinity):
+  qi_t = q_pre_{h,t} @ wq[h, 0],  ki_s = k_pre_{kv(h),s} @ wk[h]
+which is the same layout with each retrieval head a "group" of one query head:
+  {"layers": [{"wq": [retrieval_heads, 1, head_dim, rank], "wk": [retrieval_heads, head_dim,
+  rank]}]}, so the projections, the scoring and the selection code serve both designs.
 """
 
 from __future__ import annotations
@@ -52,19 +59,20 @@ def init_indexer(
     sparse: SparseConfig,
     sm_scale: float | None = None,
 ) -> IndexerParams:
-    """Indexer weights from the principal directions of each group's queries on real text.
+    """Indexer weights from the principal directions of the queries on real text.
 
-    queries[layer]: post-RoPE queries [n, heads, head_dim] of that layer (None for layers
-    without sparse groups). With U the top-`rank` directions of the group's stacked queries,
-    wk = U and wq[h] = U * sm_scale / group_size, so that <qi, ki> approximates the group's mean
-    attention logit restricted to the principal subspace: a ranking far better than chance
-    before any training.
+    queries[layer]: queries [n, heads, head_dim] of that layer, post-RoPE for design "indexer",
+    pre-RoPE for design "paper" (None for layers without indexed heads). With U the top-`rank`
+    directions of the stacked queries of a group (or of one retrieval head), wk = U and
+    wq[h] = U * sm_scale / group_size, so that <qi, ki> approximates the (group's mean) attention
+    logit restricted to the principal subspace: a ranking far better than chance before any
+    training.
     """
     scale = model.head_dim**-0.5 if sm_scale is None else sm_scale
-    size = model.group_size
+    size = 1 if sparse.design == "paper" else model.group_size
     layers = []
     for layer in range(model.num_layers):
-        groups = sparse.sparse_groups(layer)
+        groups = sparse.indexed_heads(layer)
         if not groups:
             layers.append({})
             continue
@@ -78,6 +86,15 @@ def init_indexer(
             wq.append(np.broadcast_to(u * (scale / size), (size, *u.shape)))
         layers.append({"wq": jnp.asarray(np.stack(wq)), "wk": jnp.asarray(np.stack(wk))})
     return {"layers": layers}
+
+
+def truncate_teacher(probs: jax.Array, teacher_top_p: float) -> jax.Array:
+    """The teacher distribution (last axis) restricted to its own top-p set and renormalised;
+    teacher_top_p >= 1 keeps the whole distribution (the paper's stage-1 target)."""
+    if teacher_top_p >= 1.0:
+        return probs
+    kept = jnp.where(top_p_mask(probs, teacher_top_p), probs, 0.0)
+    return kept / jnp.maximum(kept.sum(-1, keepdims=True), 1e-30)
 
 
 def block_distillation_loss(
@@ -101,8 +118,7 @@ def block_distillation_loss(
     logits = block_logits_reference(pool_queries(qi, valid), ki, lengths, last, block_k=block_k,
                                     scale=scale)
     log_student = jax.nn.log_softmax(logits, axis=-1)
-    teacher = jnp.where(top_p_mask(teacher_mass, teacher_top_p), teacher_mass, 0.0)
-    teacher = teacher / jnp.maximum(teacher.sum(-1, keepdims=True), 1e-30)
+    teacher = truncate_teacher(teacher_mass, teacher_top_p)
     kl = jnp.sum(jnp.where(teacher > 0, teacher * (jnp.log(jnp.where(teacher > 0, teacher, 1.0))
                                                    - log_student), 0.0), axis=-1)
     rows = jnp.broadcast_to((last >= 0)[:, None, :], kl.shape)
@@ -138,9 +154,7 @@ def token_distillation_loss(
         pos = c * chunk + jnp.broadcast_to(jnp.arange(chunk), (b, chunk))
         qc = jax.lax.dynamic_slice_in_dim(q_pad, c * chunk, chunk, axis=1)
         probs = attention_probs(qc, k, pos, lengths, sm_scale).mean(axis=2)  # [b, g, c, S]
-        teacher = jnp.where(top_p_mask(probs, teacher_top_p), probs, 0.0)
-        teacher = jax.lax.stop_gradient(teacher / jnp.maximum(teacher.sum(-1, keepdims=True),
-                                                              1e-30))
+        teacher = jax.lax.stop_gradient(truncate_teacher(probs, teacher_top_p))
         qic = jax.lax.dynamic_slice_in_dim(qi_pad, c * chunk, chunk, axis=1)
         logits = jnp.einsum("bcgr,bsgr->bgcs", qic.astype(jnp.float32), ki.astype(jnp.float32))
         visible = (kpos[None, None, :] <= pos[:, :, None]) & (kpos < lengths[:, None, None])
@@ -165,18 +179,22 @@ def layer_distillation_loss(
     level: str = "block",
     teacher_top_p: float = 0.9,
     sm_scale: float | None = None,
+    q_index: jax.Array | None = None,
+    k_index: jax.Array | None = None,
 ) -> jax.Array:
-    """The distillation loss of one layer's indexer on that layer's sparse groups.
+    """The distillation loss of one layer's indexer on its indexed groups (or heads).
 
     q: [batch, seq, groups * group_size, head_dim] and k: [batch, seq, groups, head_dim] are the
-    frozen model's rotated queries and keys of the layer's sparse groups only.
+    frozen model's rotated queries and keys of the indexed groups only (the teacher's
+    attention); q_index, k_index (same shapes) what the indexer projects, when that differs
+    (the paper design's pre-RoPE q and k).
     """
     if level not in LOSS_LEVELS:
         raise ValueError(f"loss level must be one of {LOSS_LEVELS}, got {level!r}")
     scale = 1.0 / sparse.temperature
     attn_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    qi = indexer_queries(q, layer_params["wq"])
-    ki = indexer_keys(k, layer_params["wk"])
+    qi = indexer_queries(q if q_index is None else q_index, layer_params["wq"])
+    ki = indexer_keys(k if k_index is None else k_index, layer_params["wk"])
     if level == "token":
         return token_distillation_loss(q, k, qi, ki, lengths, scale=scale,
                                        teacher_top_p=teacher_top_p, sm_scale=attn_scale)

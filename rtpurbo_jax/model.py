@@ -20,7 +20,7 @@ Attention itself is passed in (`attend`), so this file knows nothing of caches o
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +30,25 @@ from rtpurbo_jax.config import ModelConfig
 from rtpurbo_jax.rope import apply_rope, rope_tables
 
 Params = dict[str, Any]
-# attend(layer_index, q, k, v, layer_state) -> (out, layer_state)
-#   q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; out like q.
-AttendFn = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+class QKV(NamedTuple):
+    """One layer's attention inputs.
+
+    q: [batch, seq, heads, head_dim] and k: [batch, seq, kv_heads, head_dim] rotated (RoPE
+    applied), as attention uses them; v like k; q_pre, k_pre: the same before RoPE (what the
+    paper's indexer reads; unused arrays cost nothing under jit).
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    q_pre: jax.Array
+    k_pre: jax.Array
+
+
+# attend(layer_index, qkv, layer_state) -> (out like qkv.q, layer_state)
+AttendFn = Callable[[int, QKV, Any], tuple[jax.Array, Any]]
 
 # Standard deviation of the random initialisation used for test models.
 INIT_STDDEV = 0.02
@@ -120,12 +136,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 def project_qkv(
     layer: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, config: ModelConfig
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Projects h: [batch, seq, embed] to q, k, v.
-
-    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]. q and k come out
-    rotated (RoPE applied), as the attention and the indexer consume them.
-    """
+) -> QKV:
+    """Projects h: [batch, seq, embed] to q, k, v, rotated and before RoPE (see QKV)."""
     q = jnp.einsum("bse,ehd->bshd", h, layer["wq"])
     k = jnp.einsum("bse,ehd->bshd", h, layer["wk"])
     v = jnp.einsum("bse,ehd->bshd", h, layer["wv"])
@@ -134,7 +146,7 @@ def project_qkv(
     if config.qk_norm:
         q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    return QKV(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, q, k)
 
 
 def output_projection(layer: Params, attn: jax.Array, config: ModelConfig) -> jax.Array:
@@ -171,8 +183,7 @@ def decoder(
     new_states = []
     for i, layer in enumerate(params["layers"]):
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        q, k, v = project_qkv(layer, h, cos, sin, config)
-        attn, state = attend(i, q, k, v, states[i])
+        attn, state = attend(i, project_qkv(layer, h, cos, sin, config), states[i])
         new_states.append(state)
         x = x + output_projection(layer, attn, config)
         h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)

@@ -103,16 +103,17 @@ def valid_query_blocks(lengths: jax.Array, q_len: int, block_q: int) -> jax.Arra
 
 def collect_qk(
     params: Any, tokens: jax.Array, lengths: jax.Array, config: Any, backend: str = "auto"
-) -> list[tuple[jax.Array, jax.Array]]:
-    """The frozen model's rotated queries and keys of every layer, from a dense forward pass.
+) -> list[Any]:
+    """The frozen model's queries and keys of every layer, from a dense forward pass.
 
-    tokens: [batch, seq] right-padded; returns [(q [b, t, heads, d], k [b, t, kv_heads, d])].
+    tokens: [batch, seq] right-padded; returns one `model.QKV` per layer (q, k rotated; q_pre,
+    k_pre before RoPE).
     """
     from rtpurbo_jax.attention import dense_prefill
     from rtpurbo_jax.model import decoder
 
-    def attend(i: int, q: jax.Array, k: jax.Array, v: jax.Array, state: Any):
-        return dense_prefill(q, k, v, lengths, backend=backend), (q, k)
+    def attend(i: int, qkv: Any, state: Any):
+        return dense_prefill(qkv.q, qkv.k, qkv.v, lengths, backend=backend), qkv
 
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     _, states = decoder(params, tokens, positions, config, attend, [None] * config.num_layers)

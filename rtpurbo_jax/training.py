@@ -22,27 +22,43 @@ from rtpurbo_jax.sharding import batch_sharding, param_shardings, replicated
 from rtpurbo_jax.teacher import collect_qk
 
 
+def layer_loss_inputs(qkv: Any, layer: int, config: ModelConfig, sparse: SparseConfig
+                      ) -> dict[str, jax.Array]:
+    """What one layer's indexer loss reads from the frozen model's projections: the teacher's
+    rotated q, k of the indexed groups (design "indexer") or of each retrieval head with its own
+    KV head (design "paper", whose indexer also reads the pre-RoPE q_index, k_index)."""
+    if sparse.design == "paper":
+        heads = sparse.retrieval_heads(layer)
+        index = np.asarray(heads, np.int32)
+        kv = np.asarray([h // config.group_size for h in heads], np.int32)
+        return {"q": qkv.q[:, :, index], "k": qkv.k[:, :, kv],
+                "q_index": qkv.q_pre[:, :, index], "k_index": qkv.k_pre[:, :, kv]}
+    groups = sparse.sparse_groups(layer)
+    return {"q": qkv.q[:, :, query_heads(groups, config.group_size)],
+            "k": qkv.k[:, :, np.asarray(groups)]}
+
+
 def model_distillation_loss(
     indexer: dict[str, Any], params: Params, tokens: jax.Array, lengths: jax.Array, *,
     config: ModelConfig, sparse: SparseConfig, level: str, teacher_top_p: float, backend: str,
 ) -> jax.Array:
-    """Mean over layers with sparse groups of each layer's distillation loss.
+    """Mean over layers with indexed heads of each layer's distillation loss.
 
     tokens: [batch, seq] right-padded; lengths: [batch]. The frozen model runs densely to give
-    every layer's rotated queries and keys (no gradient flows into it).
+    every layer's queries and keys (no gradient flows into it).
     """
     states = collect_qk(jax.lax.stop_gradient(params), tokens, lengths, config, backend)
     losses = []
-    for layer, (q, k) in enumerate(states):
-        groups = sparse.sparse_groups(layer)
-        if not groups:
+    for layer, qkv in enumerate(states):
+        if not sparse.indexed_heads(layer):
             continue
-        qs = q[:, :, query_heads(groups, config.group_size)]
-        ks = k[:, :, np.asarray(groups)]
-        losses.append(layer_distillation_loss(indexer["layers"][layer], qs, ks, lengths, sparse,
-                                              level=level, teacher_top_p=teacher_top_p))
+        losses.append(layer_distillation_loss(
+            indexer["layers"][layer], lengths=lengths, sparse=sparse, level=level,
+            teacher_top_p=teacher_top_p, **layer_loss_inputs(qkv, layer, config, sparse)))
     if not losses:
-        raise ValueError("every KV head is a retrieval head: there is no indexer to train")
+        raise ValueError("no head has an indexer (every KV head is a retrieval head of the "
+                         "indexer design, or no retrieval head in the paper design): nothing "
+                         "to train")
     return jnp.mean(jnp.stack(losses))
 
 

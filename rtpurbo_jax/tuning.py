@@ -1,8 +1,9 @@
 """Choosing top_p and the retrieval-head fraction of a trained checkpoint on a validation seed.
 
-Neither needs retraining: top_p is a selection setting, and a sparse KV group can always be
-turned back into a retrieval head (its indexer weights are simply dropped). The reverse is
-refused, since no indexer was trained for a retrieval head. `validation_sweep` runs the
+Neither needs retraining: top_p is a selection setting; in the indexer design a sparse KV group
+can always be turned back into a retrieval head (its indexer weights are simply dropped), and in
+the paper design a retrieval query head can always become a local head (likewise). The reverse
+directions are refused, since no indexer was trained for those heads. `validation_sweep` runs the
 accuracy suite (mode rtpurbo, plus full once) for every (top_p, fraction) pair on the
 validation seed, and `choose` picks, among the variants within the density and retrieval
 budgets, the most accurate one (ties: lower perplexity, then lower density). The test seed of
@@ -90,11 +91,44 @@ def add_retrieval_heads(sparse: SparseConfig, scores: np.ndarray, fraction: floa
     return choose_retrieval_heads(np.where(mask, np.inf, scores), count=target)
 
 
+def narrow_retrieval(sparse: SparseConfig, indexer: IndexerParams, scores: np.ndarray,
+                     fraction: float) -> tuple[SparseConfig, IndexerParams]:
+    """A paper-design checkpoint keeping only its best-scoring retrieval query heads, `fraction`
+    of all query heads; the others become local heads and their indexer weights are dropped.
+    Adding retrieval heads is refused: each needs an indexer trained for it.
+
+    scores: [layers, heads] (a needle profile's "score")."""
+    mask = np.asarray(sparse.retrieval_mask, bool)
+    if scores.shape != mask.shape:
+        raise ValueError(f"head scores are {list(scores.shape)}, the checkpoint's mask is "
+                         f"{list(mask.shape)}")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"retrieval fraction must be in [0, 1], got {fraction}")
+    target, have = int(round(fraction * mask.size)), int(mask.sum())
+    if target > have:
+        raise ValueError(f"retrieval fraction {fraction} means {target} query heads, but the "
+                         f"checkpoint has indexers for {have}; train with a larger "
+                         "heads.rule_value, then narrow here")
+    kept = choose_retrieval_heads(np.where(mask, scores, -np.inf), count=target)
+    narrowed = sparse.replace(retrieval_mask=kept)
+    layers = []
+    for layer in range(sparse.num_layers):
+        old, new = sparse.retrieval_heads(layer), narrowed.retrieval_heads(layer)
+        keep = np.asarray([old.index(h) for h in new], np.int32)
+        layers.append({name: w[keep] for name, w in indexer["layers"][layer].items()}
+                      if new else {})
+    return narrowed, {"layers": layers}
+
+
 def variant(model: SparseModel, scores: np.ndarray, top_p: float, fraction: float
             ) -> SparseModel:
-    """The model's checkpoint with another top_p and retrieval fraction."""
-    mask = add_retrieval_heads(model.sparse, scores, fraction)
-    sparse, indexer = widen_retrieval(model.sparse, model.indexer, mask)
+    """The model's checkpoint with another top_p and retrieval fraction: retrieval heads added
+    (design "indexer") or removed (design "paper"), so nothing is retrained."""
+    if model.sparse.design == "paper":
+        sparse, indexer = narrow_retrieval(model.sparse, model.indexer, scores, fraction)
+    else:
+        mask = add_retrieval_heads(model.sparse, scores, fraction)
+        sparse, indexer = widen_retrieval(model.sparse, model.indexer, mask)
     return model.with_sparse(sparse.replace(top_p=top_p), indexer)
 
 

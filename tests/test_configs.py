@@ -9,7 +9,7 @@ import pytest
 from rtpurbo_jax.api import check_arch, load_from_config
 from rtpurbo_jax.config import ConfigError, ModelConfig
 
-CONFIGS = ("tiny", "smollm2_135m", "llama_1m")
+CONFIGS = ("tiny", "smollm2_135m", "smollm2_135m_paper", "llama_1m")
 
 
 @pytest.mark.parametrize("name", CONFIGS)

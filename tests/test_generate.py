@@ -26,7 +26,7 @@ def test_prefill_then_decode_equals_forward(model):
     logits, cache, _ = gen.prefill(model.params, tokens, lengths, TINY, 32, "reference")
     decoded = [logits]
     for s in range(3):
-        logits, cache = gen.decode_step(model.params, cache,
+        logits, cache, _ = gen.decode_step(model.params, cache,
                                         jnp.asarray([row[s] for row in steps]), TINY, "reference")
         decoded.append(logits)
     for b, row in enumerate(ROWS):

@@ -86,7 +86,7 @@ def _decode_logits(model: SparseModel, tokens: np.ndarray, lengths: np.ndarray) 
                           max_len=max(LENGTHS) + 64, **kwargs)
     steps = []
     for token in (5, 6, 7):
-        logits, cache = step(model.params, cache, jnp.full((len(LENGTHS),), token), **kwargs)
+        logits, cache, _ = step(model.params, cache, jnp.full((len(LENGTHS),), token), **kwargs)
         steps.append(np.asarray(logits, np.float32))
     return np.stack(steps)
 

@@ -67,7 +67,7 @@ def test_sparse_decode_logits_equal_dense_at_p_one(model, indexer):
     assert float(stats[0]) == float(stats[1]) > 0  # every candidate block selected
     steps = [[11, 12], [21, 22]]
     for s in range(2):
-        logits, cache = decode(model.params, cache, jnp.asarray([r[s] for r in steps]),
+        logits, cache, _ = decode(model.params, cache, jnp.asarray([r[s] for r in steps]),
                                config=TINY, backend="reference", sparse=sparse, indexer=indexer)
     for b, row in enumerate(ROWS):
         ref = np.asarray(model([row + steps[b]]))[0, -1]

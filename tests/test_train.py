@@ -128,6 +128,34 @@ def test_whole_conversion_writes_its_outputs(tmp_path):
     assert summary["steps"] == 2 and summary["retrieval_fraction"] == 0.25
 
 
+def test_paper_design_conversion(tmp_path):
+    """The paper design end to end on the tiny model: needle calibration per query head, the
+    pre-RoPE indexer of each retrieval head trained on the whole attention distribution, and a
+    checkpoint that loads as the paper design and generates."""
+    from rtpurbo_jax.checkpoint import load_sparse
+
+    config = tiny.get_config()
+    config.sparse.update(design="paper", window=64, sink_blocks=1, local_blocks=1)
+    config.heads.update(method="needle", rule="fraction", rule_value=0.25, length=256,
+                        needle_tokens=16)
+    config.train.update(steps=2, loss_level="token", teacher_top_p=1.0)
+    summary = run_conversion(config, tmp_path)
+    sparse, indexer, _ = load_sparse(tmp_path / "sparse")
+    assert sparse.design == "paper" and summary["retrieval_fraction"] == 0.25
+    heads = json.loads((tmp_path / "heads.json").read_text())
+    assert np.asarray(heads["score"]).shape == (2, 4)  # per query head
+    for name in ("heads.png", "heads_layers.png", "metrics.jsonl"):
+        assert (tmp_path / name).exists(), name
+    for layer in range(2):
+        n = len(sparse.retrieval_heads(layer))
+        assert (indexer["layers"][layer]["wq"].shape[:2] if n else (0, 1)) == (n, 1)
+    losses = [json.loads(line)["loss"] for line in
+              (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(losses))
+    model = load_from_config(config.model).with_sparse(sparse, indexer)
+    assert model.generate([[5, 6, 7, 8] * 20], 3, eos_token_id=()).shape == (1, 3)
+
+
 def test_bad_configs_and_data(tmp_path):
     config = tiny.get_config()
     model = load_from_config(config.model)

@@ -1,0 +1,260 @@
+"""The paper design's attention of one layer (SparseConfig.design == "paper").
+
+Query heads are split once: retrieval heads R and local heads L (`SparseConfig.retrieval_mask`).
+  prefill  R: dense causal attention (cuDNN on GPU), building the full KV cache of their groups;
+           L: attention sinks + a sliding window (`sink_tokens`, `window`), token-exact.
+  decode   R: each head scores the cache's key blocks with its own pre-RoPE indexer (or the
+              true attention, scorer "oracle") and keeps its top-p set, the sink block and the
+              newest blocks forced; the heads of one KV group then attend the union of their
+              sets, so each selected block is read once for the group (the paper's memory
+              sparsity is this union; attending it gives each head at least its own top-p mass);
+           L: sinks + window again, over a ring buffer when the whole group is local.
+A KV group keeps its full cache when any of its query heads is a retrieval head ("full"
+groups); otherwise only sinks + window ("window" groups, a ring buffer, cache.py).
+
+When a head set is not made of whole GQA groups (query-head routing), its K/V are gathered per
+query head (one KV head per query head), which costs a copy of those heads' K/V; with KV-group
+routing no copy is made. Statistics are token counts summed over rows and all query heads:
+[attended keys, causal keys].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.local_attention import local_attention
+from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_reference
+from rtpurbo_jax.cache import ring_filled, ring_from_prefill, ring_slots, write_parts
+from rtpurbo_jax.config import ModelConfig, SparseConfig
+from rtpurbo_jax.dense import dense_attention_reference
+from rtpurbo_jax.indexer import indexer_keys
+from rtpurbo_jax.model import QKV, query_heads
+from rtpurbo_jax.selection import select_decode, use_pallas
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def _take(x: jax.Array, index: np.ndarray) -> jax.Array:
+    """x[:, :, index] along the head axis; no copy when index is every head in order."""
+    if len(index) == x.shape[2] and (index == np.arange(x.shape[2])).all():
+        return x
+    return x[:, :, index]
+
+
+def head_kv_layout(heads: tuple[int, ...], group_size: int, groups: tuple[int, ...]
+                   ) -> np.ndarray:
+    """Where the K/V of each of `heads` sit among `groups` (KV heads in cache order), or, when the
+    heads are exactly the query heads of `groups` (whole GQA groups), the identity over groups.
+
+    Returns the KV index list to take: len(groups) entries (GQA) or len(heads) entries (one KV
+    head per query head).
+    """
+    if np.array_equal(query_heads(groups, group_size), np.asarray(heads, np.int32)):
+        return np.arange(len(groups), dtype=np.int32)
+    return np.asarray([groups.index(h // group_size) for h in heads], np.int32)
+
+
+def local_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                  sparse: SparseConfig, backend: str) -> jax.Array:
+    """Sinks + window attention of a right-padded prompt from position 0 (GQA shapes)."""
+    if use_pallas(backend):
+        return local_attention(q, k, v, lengths, sink_tokens=sparse.sink_tokens,
+                               window=sparse.window, block_q=sparse.block_q,
+                               block_k=sparse.block_k, interpret=not _on_gpu())
+    positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+    return dense_attention_reference(q, k, v, positions, lengths, sliding_window=sparse.window,
+                                     sink_tokens=sparse.sink_tokens)
+
+
+def _merge(parts: list[tuple[tuple[int, ...], jax.Array]], num_heads: int) -> jax.Array:
+    """Reassembles [b, t, n_i, d] pieces of the given query heads into head order."""
+    index = np.concatenate([np.asarray(h, np.int32) for h, _ in parts])
+    out = jnp.concatenate([x for _, x in parts], axis=2)
+    return out if (index == np.arange(num_heads)).all() else out[:, :, np.argsort(index)]
+
+
+def _prefill_stats(lengths: jax.Array, sparse: SparseConfig, layer: int) -> jax.Array:
+    """[attended, causal] keys of a prefill from position 0, over rows and query heads."""
+    n = lengths.astype(jnp.float32)
+    causal = n * (n + 1) / 2
+    span = float(sparse.sink_tokens + sparse.window)
+    # A local head's query at position t sees min(t + 1, sinks + window) keys.
+    local = jnp.where(n <= span, causal, span * (span + 1) / 2 + (n - span) * span)
+    r, heads = len(sparse.retrieval_heads(layer)), len(sparse.retrieval_mask[layer])
+    return jnp.stack([jnp.sum(r * causal + (heads - r) * local), jnp.sum(heads * causal)])
+
+
+def head_keys(k: jax.Array, heads: tuple[int, ...], group_size: int) -> jax.Array:
+    """k: [b, t, kv_heads, d] -> [b, t, len(heads), d], each query head's own KV head (the
+    input of its per-head indexer key projection)."""
+    return k[:, :, np.asarray([h // group_size for h in heads], np.int32)]
+
+
+def layer_prefill(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
+                  sparse: SparseConfig, layer_indexer: dict[str, jax.Array], backend: str,
+                  dense_prefill: Any, ring: int | None
+                  ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+    """One layer over a right-padded prompt from position 0.
+
+    Returns (out like q, the cache parts {k, v, kw, vw, ki} of this prompt, stats [2]).
+    `dense_prefill(q, k, v, lengths, backend=)` is the dense causal attention to use; `ring`
+    the slots of the cache's ring buffers (None: no cache, no ring parts).
+    """
+    gs = config.group_size
+    retrieval, local = sparse.retrieval_heads(layer), sparse.local_heads(layer)
+    full, window = sparse.full_groups(layer), sparse.window_groups(layer)
+    pieces, parts = [], {}
+    if full:
+        kf, vf = _take(qkv.k, np.asarray(full, np.int32)), _take(qkv.v, np.asarray(full, np.int32))
+        parts.update(k=kf, v=vf)
+        at = head_kv_layout(retrieval, gs, full)
+        pieces.append((retrieval, dense_prefill(_take(qkv.q, np.asarray(retrieval, np.int32)),
+                                                _take(kf, at), _take(vf, at), lengths,
+                                                backend=backend)))
+        if sparse.scorer == "indexer":
+            parts["ki"] = indexer_keys(head_keys(qkv.k_pre, retrieval, gs), layer_indexer["wk"])
+    if local:
+        groups = tuple(sorted({h // gs for h in local}))
+        at = head_kv_layout(local, gs, groups)
+        kl, vl = (_take(_take(x, np.asarray(groups, np.int32)), at) for x in (qkv.k, qkv.v))
+        pieces.append((local, local_prefill(_take(qkv.q, np.asarray(local, np.int32)), kl, vl,
+                                            lengths, sparse, backend)))
+    if window and ring is not None:
+        for name, x in (("kw", qkv.k), ("vw", qkv.v)):
+            parts[name] = ring_from_prefill(_take(x, np.asarray(window, np.int32)), lengths,
+                                            sparse, ring)
+    return _merge(pieces, config.num_heads), parts, _prefill_stats(lengths, sparse, layer)
+
+
+def blocks_to_mask(indices: jax.Array, counts: jax.Array, num_blocks: int) -> jax.Array:
+    """Block lists [..., max_sel] with counts [...] -> a membership mask [..., num_blocks]."""
+    listed = jnp.arange(indices.shape[-1]) < counts[..., None]
+    hits = jax.nn.one_hot(indices, num_blocks, dtype=jnp.bool_) & listed[..., None]
+    return jnp.any(hits, axis=-2)
+
+
+def mask_to_blocks(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A membership mask [..., nk] -> (ascending block lists [..., nk], counts [...]); entries
+    past a count repeat the last listed block (0 when none), as the kernels expect."""
+    counts = jnp.sum(mask, axis=-1).astype(jnp.int32)
+    order = jnp.argsort(~mask, axis=-1, stable=True).astype(jnp.int32)
+    last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+    slot = jnp.arange(mask.shape[-1])
+    return jnp.where(slot < counts[..., None], order, jnp.where(counts[..., None] > 0, last, 0)
+                     ), counts
+
+
+def _listed_keys(indices: jax.Array, counts: jax.Array, lengths: jax.Array, block_k: int
+                 ) -> jax.Array:
+    """Valid keys in the listed blocks: indices [b, n, max_sel], counts [b, n] -> [b, n]."""
+    listed = jnp.arange(indices.shape[-1]) < counts[..., None]
+    keys = jnp.clip(lengths[:, None, None] - indices * block_k, 0, block_k)
+    return jnp.sum(jnp.where(listed, keys, 0), axis=-1)
+
+
+def retrieval_decode(qkv: QKV, cache: dict[str, jax.Array], new_lengths: jax.Array, layer: int,
+                     config: ModelConfig, sparse: SparseConfig,
+                     layer_indexer: dict[str, jax.Array], backend: str
+                     ) -> tuple[jax.Array, jax.Array]:
+    """The retrieval heads' top-p decode over the full cache (the new token already written).
+
+    Returns (out [b, 1, len(R), d], attended keys summed over rows and heads).
+    """
+    gs = config.group_size
+    retrieval, full = sparse.retrieval_heads(layer), sparse.full_groups(layer)
+    heads = np.asarray(retrieval, np.int32)
+    per_head = np.asarray([full.index(h // gs) for h in retrieval], np.int32)
+    # The indexer reads pre-RoPE queries; the oracle ranks by each head's true attention.
+    q_score = _take(qkv.q_pre if sparse.scorer == "indexer" else qkv.q, heads)
+    k_score = None if sparse.scorer == "indexer" else _take(cache["k"], per_head)
+    # Per retrieval head, its own top-p set (each head a "group" of one).
+    indices, counts = select_decode(q_score, k_score, cache.get("ki"), new_lengths, sparse,
+                                    layer_indexer, backend)
+    num_blocks = -(-cache["k"].shape[1] // sparse.block_k)
+    own = blocks_to_mask(indices[:, :, 0], counts[:, :, 0], num_blocks)  # [b, R, nk]
+    member = jnp.asarray(per_head[None, :] == np.arange(len(full))[:, None])  # [F, R]
+    union = jnp.any(own[:, None] & member[None, :, :, None], axis=2)  # [b, F, nk]
+    lists, sizes = mask_to_blocks(union)
+    at = head_kv_layout(retrieval, gs, full)
+    if len(at) != len(full):  # not whole groups: one KV head (and list) per query head
+        lists, sizes = lists[:, per_head], sizes[:, per_head]
+    args = (_take(qkv.q, heads)[:, 0], _take(cache["k"], at), _take(cache["v"], at), lists,
+            sizes, new_lengths)
+    if use_pallas(backend):
+        out = sparse_decode(*args, block_k=sparse.block_k, interpret=not _on_gpu())
+    else:
+        out = sparse_decode_reference(*args, block_k=sparse.block_k)
+    attended = _listed_keys(lists, sizes, new_lengths, sparse.block_k)
+    heads_per_list = len(retrieval) // len(at)
+    return out[:, None], jnp.sum(attended).astype(jnp.float32) * heads_per_list
+
+
+def local_decode(qkv: QKV, cache: dict[str, jax.Array], new_lengths: jax.Array, layer: int,
+                 config: ModelConfig, sparse: SparseConfig, backend: str, dense_decode: Any
+                 ) -> list[tuple[tuple[int, ...], jax.Array]]:
+    """The local heads' sinks + window decode: over the ring of all-local groups, and over the
+    full cache (masked) for local heads of groups that also hold a retrieval head."""
+    gs = config.group_size
+    window = sparse.window_groups(layer)
+    ring_heads = tuple(int(h) for h in query_heads(window, gs))
+    mixed = tuple(h for h in sparse.local_heads(layer) if h // gs not in window)
+    pieces = []
+    if ring_heads:
+        filled = ring_filled(new_lengths, cache["kw"].shape[1])
+        pieces.append((ring_heads, dense_decode(_take(qkv.q, np.asarray(ring_heads, np.int32)),
+                                                cache["kw"], cache["vw"], filled,
+                                                backend=backend)))
+    if mixed:
+        # Only query-head routing makes these; the reference masks the full cache.
+        at = head_kv_layout(mixed, gs, sparse.full_groups(layer))
+        positions = (new_lengths - 1)[:, None]
+        pieces.append((mixed, dense_attention_reference(
+            _take(qkv.q, np.asarray(mixed, np.int32)), _take(cache["k"], at),
+            _take(cache["v"], at), positions, new_lengths, sliding_window=sparse.window,
+            sink_tokens=sparse.sink_tokens)))
+    return pieces
+
+
+def layer_decode(qkv: QKV, layer_cache: dict[str, jax.Array], lengths: jax.Array, layer: int,
+                 config: ModelConfig, sparse: SparseConfig, layer_indexer: dict[str, jax.Array],
+                 backend: str, dense_decode: Any
+                 ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+    """One new token per row, written at position lengths[b], then attended.
+
+    qkv: the new token's projections ([b, 1, ...]); lengths: [b] filled positions before this
+    step. Returns (out like q, the updated layer cache, stats [2]).
+    """
+    gs = config.group_size
+    retrieval, local = sparse.retrieval_heads(layer), sparse.local_heads(layer)
+    full, window = sparse.full_groups(layer), sparse.window_groups(layer)
+    parts: dict[str, jax.Array] = {}
+    if full:
+        idx = np.asarray(full, np.int32)
+        parts.update(k=_take(qkv.k, idx), v=_take(qkv.v, idx))
+        if "ki" in layer_cache:
+            parts["ki"] = indexer_keys(head_keys(qkv.k_pre, retrieval, gs), layer_indexer["wk"])
+    ring_at = None
+    if window:
+        idx = np.asarray(window, np.int32)
+        parts.update(kw=_take(qkv.k, idx), vw=_take(qkv.v, idx))
+        ring_at = ring_slots(lengths, sparse, layer_cache["kw"].shape[1])
+    cache = write_parts(layer_cache, parts, lengths, ring_at)
+    new_lengths = lengths + 1
+    pieces, attended = [], jnp.float32(0)
+    if retrieval:
+        out, attended = retrieval_decode(qkv, cache, new_lengths, layer, config, sparse,
+                                         layer_indexer, backend)
+        pieces.append((retrieval, out))
+    if local:
+        pieces += local_decode(qkv, cache, new_lengths, layer, config, sparse, backend,
+                               dense_decode)
+        span = sparse.sink_tokens + sparse.window
+        attended += len(local) * jnp.sum(jnp.minimum(new_lengths, span)).astype(jnp.float32)
+    causal = len(retrieval + local) * jnp.sum(new_lengths).astype(jnp.float32)
+    return _merge(pieces, config.num_heads), cache, jnp.stack([attended, causal])

@@ -1,0 +1,276 @@
+"""The paper design: local heads on sinks + a window (ring-buffer cache for all-local groups),
+retrieval heads dense in prefill and top-p sparse in decode through a pre-RoPE indexer."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.indexer_topp import select_blocks_reference
+from rtpurbo_jax import generate as gen
+from rtpurbo_jax.api import SparseModel, right_pad
+from rtpurbo_jax.cache import empty_cache, kv_cache_bytes, ring_from_prefill, ring_slots
+from rtpurbo_jax.checkpoint import load_sparse
+from rtpurbo_jax.config import ConfigError, SparseConfig
+from rtpurbo_jax.dense import dense_attention_reference
+from rtpurbo_jax.indexer import init_indexer
+from rtpurbo_jax.model import QKV
+from rtpurbo_jax.paper_attention import blocks_to_mask, mask_to_blocks
+from rtpurbo_jax.selection import select_decode
+from tests.tiny import TINY, tiny_model
+
+TOL = 1e-5  # float32, relative to max |logit|
+# Long enough that the ring (4 sinks + 32 window) wraps several times.
+ROWS = [list(np.random.default_rng(5).integers(2, 96, 130)),
+        list(np.random.default_rng(6).integers(2, 96, 61))]
+# Query-head masks [layers][heads] of TINY (4 heads, 2 KV groups of 2).
+KV_ROUTED = ((True, True, False, False), (False, False, False, False))
+HEAD_ROUTED = ((True, False, False, True), (False, True, False, False))
+ALL_RETRIEVAL = ((True,) * 4, (True,) * 4)
+STEPS = [[11, 12, 13], [21, 22, 23]]
+
+
+def _paper(mask, **kw) -> SparseConfig:
+    return SparseConfig(mask, **{"design": "paper", "group_size": TINY.group_size, "rank": 4,
+                                 "block_q": 16, "block_k": 16, "sink_tokens": 4, "window": 32,
+                                 "local_blocks": 1, **kw})
+
+
+def _err(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max() / np.abs(a).max())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def _indexer(sparse: SparseConfig, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    queries = [rng.normal(size=(64, TINY.num_heads, TINY.head_dim)) for _ in range(2)]
+    return init_indexer(queries, TINY, sparse)
+
+
+def _naive_local_mask(t: int, lengths: np.ndarray, sink: int, window: int) -> np.ndarray:
+    """[batch, t, t] bool, written out from the definition."""
+    mask = np.zeros((len(lengths), t, t), bool)
+    for b, n in enumerate(lengths):
+        for i in range(min(t, n)):
+            for j in range(i + 1):
+                mask[b, i, j] = j < sink or j > i - window
+    return mask
+
+
+def test_sinks_and_window_equal_masked_dense_attention():
+    rng = np.random.default_rng(0)
+    b, t, h, kv, d = 2, 90, 4, 2, 16
+    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
+               for s in ((b, t, h, d), (b, t, kv, d), (b, t, kv, d)))
+    lengths = np.array([90, 47])
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    out = dense_attention_reference(q, k, v, positions, jnp.asarray(lengths), sliding_window=20,
+                                    sink_tokens=3)
+    mask = _naive_local_mask(t, lengths, 3, 20)
+    kk, vv = np.repeat(np.asarray(k), 2, axis=2), np.repeat(np.asarray(v), 2, axis=2)
+    scores = np.einsum("bthd,bshd->bhts", np.asarray(q), kk) / np.sqrt(d)
+    scores = np.where(mask[:, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True, initial=-1e30))
+    probs = np.where(mask[:, None], probs, 0.0)
+    probs /= np.maximum(probs.sum(-1, keepdims=True), 1e-30)
+    expected = np.einsum("bhts,bshd->bthd", probs, vv)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+
+
+def test_ring_from_prefill_equals_sequential_writes():
+    sparse = _paper(KV_ROUTED)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(3, 100, 1, 2)), jnp.float32)
+    lengths = jnp.asarray([100, 35, 7])
+    size = sparse.sink_tokens + sparse.window
+    ring = np.asarray(ring_from_prefill(x, lengths, sparse, size))
+    for b, n in enumerate(np.asarray(lengths)):
+        expected = np.zeros((size, 1, 2), np.float32)
+        for p in range(n):  # write every position in turn at its slot
+            expected[int(ring_slots(jnp.asarray(p), sparse, size))] = np.asarray(x[b, p])
+        np.testing.assert_array_equal(ring[b], expected)
+
+
+@pytest.mark.parametrize("mask", [KV_ROUTED, HEAD_ROUTED])
+def test_windowed_cache_holds_sinks_and_window(model, mask):
+    sparse = _paper(mask)
+    cache = empty_cache(TINY, 2, 500, jnp.float32, sparse)
+    size = sparse.sink_tokens + sparse.window
+    for layer, parts in enumerate(cache["layers"]):
+        window = sparse.window_groups(layer)
+        if window:
+            assert parts["kw"].shape == (2, size, len(window), TINY.head_dim)
+        full = sparse.full_groups(layer)
+        assert ("k" in parts) == bool(full)
+        assert ("ki" in parts) == bool(sparse.retrieval_heads(layer))
+    nbytes = sum(x.nbytes for parts in cache["layers"] for x in parts.values())
+    assert kv_cache_bytes(TINY, sparse, 2, 500, jnp.float32)["total"] == nbytes
+    dense = kv_cache_bytes(TINY, None, 2, 500, jnp.float32)["total"]
+    assert nbytes < dense
+
+
+@pytest.mark.parametrize("mask", [KV_ROUTED, HEAD_ROUTED, ((False,) * 4, (False,) * 4)])
+def test_decode_over_the_ring_equals_the_masked_forward(model, mask):
+    """Prefill + decode steps (ring buffers, top-p 1 for the retrieval heads) give the logits of
+    one forward pass over the whole sequence with the same masks."""
+    sparse = _paper(mask, top_p=1.0)
+    indexer = _indexer(sparse)
+    tokens, lengths = right_pad(ROWS)
+    logits, cache, _ = gen.prefill(model.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                   TINY, 200, "reference", sparse, indexer)
+    for s in range(len(STEPS[0])):
+        logits, cache, _ = gen.decode_step(model.params, cache, jnp.asarray([r[s] for r in STEPS]),
+                                           TINY, "reference", sparse, indexer)
+    sparse_model = model.with_sparse(sparse, indexer)
+    for b, row in enumerate(ROWS):
+        expected = np.asarray(sparse_model([row + STEPS[b]]))[0, -1]
+        assert _err(expected, logits[b]) <= TOL
+
+
+def test_every_head_retrieval_at_p_one_is_dense(model):
+    sparse = _paper(ALL_RETRIEVAL, top_p=1.0)
+    sparse_model = model.with_sparse(sparse, _indexer(sparse))
+    assert _err(model(ROWS), sparse_model(ROWS)) <= TOL
+    np.testing.assert_array_equal(sparse_model.generate(ROWS, 6, eos_token_id=()),
+                                  model.generate(ROWS, 6, eos_token_id=()))
+
+
+def test_pre_rope_indexer_selection_is_top_p_of_its_scores(model):
+    """Each retrieval head's decode selection is the top-p set of its own pre-RoPE scores,
+    computed here directly from the definition."""
+    sparse = _paper(HEAD_ROUTED, top_p=0.7)
+    indexer = _indexer(sparse, seed=3)
+    layer = 0
+    heads = sparse.retrieval_heads(layer)
+    rng = np.random.default_rng(4)
+    b, n, d = 2, 100, TINY.head_dim
+    q_pre = rng.normal(size=(b, 1, len(heads), d)).astype(np.float32)
+    k_pre = rng.normal(size=(b, n, TINY.num_kv_heads, d)).astype(np.float32)
+    lengths = np.array([100, 58])
+    wq, wk = (np.asarray(indexer["layers"][layer][w]) for w in ("wq", "wk"))
+    own_kv = k_pre[:, :, [h // TINY.group_size for h in heads]]
+    ki = np.einsum("bthd,hdr->bthr", own_kv, wk)
+    indices, counts = select_decode(jnp.asarray(q_pre), None, jnp.asarray(ki),
+                                    jnp.asarray(lengths), sparse, indexer["layers"][layer])
+    nk = -(-n // sparse.block_k)
+    for r in range(len(heads)):
+        qi = q_pre[:, 0, r] @ wq[r, 0]  # [b, rank]
+        scores = np.einsum("br,bsr->bs", qi, ki[:, :, r])
+        for row in range(b):
+            logits = np.full(nk, -np.inf)
+            for j in range(nk):
+                keys = scores[row, j * 16: min((j + 1) * 16, lengths[row])]
+                if len(keys):
+                    logits[j] = np.log(np.sum(np.exp(keys - keys.max()))) + keys.max()
+            want_idx, want_cnt = select_blocks_reference(
+                jnp.asarray(logits)[None, None, None], jnp.asarray([[(lengths[row] - 1) // 16]]),
+                top_p=0.7, sink_blocks=1, local_blocks=1)
+            got = np.asarray(indices[row, r, 0, :int(counts[row, r, 0])])
+            want = np.asarray(want_idx[0, 0, 0, :int(want_cnt[0, 0, 0])])
+            np.testing.assert_array_equal(got, want)
+
+
+def test_block_lists_and_masks_round_trip():
+    rng = np.random.default_rng(7)
+    mask = jnp.asarray(rng.random((3, 2, 9)) < 0.4)
+    indices, counts = mask_to_blocks(mask)
+    np.testing.assert_array_equal(np.asarray(blocks_to_mask(indices, counts, 9)),
+                                  np.asarray(mask))
+    idx, cnt = np.asarray(indices), np.asarray(counts)
+    for row, c in zip(idx.reshape(-1, 9), cnt.reshape(-1), strict=True):
+        assert (np.diff(row[:c]) > 0).all()
+        assert (row[c:] == (row[c - 1] if c else 0)).all()
+
+
+@pytest.mark.parametrize("mask", [KV_ROUTED, HEAD_ROUTED])
+def test_paper_pallas_path_matches_reference(model, mask):
+    """The Pallas kernels (interpreted here) give the reference's logits and generations."""
+    sparse = _paper(mask, top_p=0.8)
+    indexer = _indexer(sparse)
+    ref = model.with_sparse(sparse, indexer)
+    fast = SparseModel(TINY, model.params, backend="pallas", sparse=sparse, indexer=indexer)
+    assert _err(ref(ROWS), fast(ROWS)) <= TOL
+    np.testing.assert_array_equal(fast.generate(ROWS, 4, eos_token_id=()),
+                                  ref.generate(ROWS, 4, eos_token_id=()))
+
+
+def test_checkpoints_of_both_designs_round_trip(model, tmp_path):
+    for name, sparse in (("paper", _paper(HEAD_ROUTED)),
+                         ("indexer", SparseConfig(((True, False), (False, False)), rank=4,
+                                                  block_q=16, block_k=16))):
+        indexer = _indexer(sparse)
+        model.with_sparse(sparse, indexer).save_sparse(tmp_path / name, safetensors=True)
+        loaded, weights, _ = load_sparse(tmp_path / name)
+        assert loaded == sparse
+        for a, b in zip(jax.tree.leaves(indexer), jax.tree.leaves(weights), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_old_checkpoint_loads_as_indexer_design(model, tmp_path):
+    sparse = SparseConfig(((True, False), (False, False)), rank=4, block_q=16, block_k=16)
+    model.with_sparse(sparse, _indexer(sparse)).save_sparse(tmp_path / "old", safetensors=True)
+    meta = json.loads((tmp_path / "old" / "sparse.json").read_text())
+    for field in ("design", "group_size", "sink_tokens", "window"):
+        del meta["sparse_config"][field]  # written before the paper design existed
+    (tmp_path / "old" / "sparse.json").write_text(json.dumps(meta))
+    loaded, _, _ = load_sparse(tmp_path / "old")
+    assert loaded.design == "indexer" and loaded == sparse
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"window": 8}, "smaller than a block"),
+    ({"sink_tokens": 40}, r"sink_tokens \(40\) must be in \[0, window"),
+    ({"design": "streaming"}, "design must be one of"),
+    ({"group_size": 3}, "group_size"),
+])
+def test_bad_paper_configs_fail_clearly(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        _paper(KV_ROUTED, **changes)
+
+
+def test_paper_mask_must_fit_the_model(model):
+    wrong = SparseConfig(((True, False), (False, False)), design="paper", group_size=2,
+                         block_k=16, window=32)
+    with pytest.raises(ConfigError, match="query heads"):
+        model.with_sparse(wrong, _indexer(_paper(KV_ROUTED)))
+
+
+def test_fractions_report_query_heads_and_kv_groups():
+    sparse = _paper(HEAD_ROUTED)
+    assert sparse.query_head_fraction == 3 / 8
+    assert sparse.kv_group_fraction == 3 / 4  # layer 0 both groups, layer 1 one of two
+    assert _paper(KV_ROUTED).kv_group_fraction == 1 / 4
+
+
+def test_generate_reports_prefill_and_decode_density(model):
+    sparse = _paper(KV_ROUTED, top_p=0.5)
+    tokens, lengths = right_pad(ROWS)
+    _, stats = gen.generate(model.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                            jax.random.key(0), config=TINY, max_new_tokens=3,
+                            sampling=gen.SamplingConfig(), eos_ids=(), pad_id=0,
+                            backend="reference", sparse=sparse, indexer=_indexer(sparse))
+    stats = np.asarray(stats)
+    assert stats.shape == (2, 2)
+    assert 0 < stats[0, 0] < stats[0, 1] and 0 < stats[1, 0] < stats[1, 1]
+
+
+def test_qkv_carries_pre_rope_projections(model):
+    from rtpurbo_jax.model import project_qkv
+    from rtpurbo_jax.rope import apply_rope, rope_tables
+
+    layer = model.params["layers"][0]
+    h = jnp.asarray(np.random.default_rng(8).normal(size=(1, 5, TINY.hidden_size)), jnp.float32)
+    cos, sin = rope_tables(jnp.arange(5)[None], TINY)
+    qkv = project_qkv(layer, h, cos, sin, TINY)
+    assert isinstance(qkv, QKV)
+    np.testing.assert_allclose(np.asarray(apply_rope(qkv.q_pre, cos, sin)), np.asarray(qkv.q))
+    np.testing.assert_allclose(np.asarray(apply_rope(qkv.k_pre, cos, sin)), np.asarray(qkv.k))
