@@ -87,7 +87,8 @@ def cli_run(tmp_path_factory):
 def test_every_cell_and_mode_is_reported(cli_run):
     _, results, _ = cli_run
     cells = {(c["task"], c["length"], c["mode"]): c for c in results["cells"]}
-    assert set(cells) == {(t, n, m) for t in TASKS for n in LENGTHS for m in ev_lib.MODES}
+    assert set(cells) == {(t, n, m) for t in TASKS for n in LENGTHS
+                          for m in ev_lib.DEFAULT_MODES}
     for (_, _, mode), cell in cells.items():
         assert cell["n"] == SAMPLES
         assert 0.0 <= cell["accuracy"] <= 1.0
@@ -96,7 +97,7 @@ def test_every_cell_and_mode_is_reported(cli_run):
         else:
             assert 0.0 < cell["density"] <= 1.0
     assert {(d["length"], d["mode"]) for d in results["density"]} == {
-        (n, m) for n in LENGTHS for m in ev_lib.SPARSE_MODES}
+        (n, m) for n in LENGTHS for m in ev_lib.DEFAULT_MODES[1:]}
     by_mode = {(d["length"], d["mode"]): d["density"] for d in results["density"]}
     for n in LENGTHS:  # the forced blocks alone are the sparsest selection
         assert by_mode[n, "streaming"] < by_mode[n, "rtpurbo"]
@@ -116,7 +117,7 @@ def test_metadata_budget_and_perplexity(cli_run):
             budget["rtpurbo_density"], n - MAX_NEW, sparse)
         assert budget["top_k_blocks"] >= sparse.sink_blocks + sparse.local_blocks
     ppl = {p["mode"]: p for p in results["perplexity"]}
-    assert set(ppl) == set(ev_lib.MODES)
+    assert set(ppl) == set(ev_lib.DEFAULT_MODES)
     for p in ppl.values():
         assert p["length"] == max(LENGTHS) and p["tokens"] == 3 * (max(LENGTHS) - 1)
         assert np.isfinite(p["ppl"]) and p["ppl"] > 1.0
@@ -167,6 +168,52 @@ def test_modes_derive_from_the_checkpoint_config():
     assert ev_lib.mode_sparse("oracle", sparse).scorer == "oracle"
 
 
+def test_paper_streaming_is_every_head_on_sinks_and_window():
+    sparse = SparseConfig(((True, False, False, False), (False,) * 4), design="paper",
+                          group_size=2, block_k=16, window=32)
+    streaming = ev_lib.mode_sparse("streaming", sparse)
+    assert streaming.design == "paper" and streaming.query_head_fraction == 0.0
+    with pytest.raises(ValueError, match="indexer-design checkpoint"):
+        ev_lib.mode_sparse("topk", sparse, 3)
+
+
+def test_both_designs_side_by_side_with_paired_intervals():
+    """Modes paper and indexer on the same samples: a paired interval per (length, mode) that
+    contains its difference, and the paper design's KV cache below the dense one."""
+    config, model = _sparse_model()
+    arch = model.config
+    paper = SparseConfig(((True, False, False, False), (False, False, False, True)),
+                         design="paper", group_size=arch.group_size, rank=4, block_q=16,
+                         block_k=16, sink_tokens=4, window=64, local_blocks=1)
+    rng = np.random.default_rng(1)
+    queries = [rng.normal(size=(64, arch.num_heads, arch.head_dim)) for _ in MASK]
+    designs = {"paper": (paper, init_indexer(queries, arch, paper)),
+               "indexer": (model.sparse, model.indexer)}
+    ev = _eval_section(lengths=(512,), tasks=("passkey",), perplexity_windows=0,
+                       modes=("full", "paper", "indexer", "streaming", "oracle"),
+                       paper="given", indexer="given")
+    suite = ev_lib.run_suite(model, ByteTokenizer(), ev, designs=designs)
+    assert {(p["length"], p["mode"]) for p in suite["paired"]} == {
+        (512, m) for m in ("paper", "indexer", "streaming", "oracle")}
+    for p in suite["paired"]:
+        assert -1.0 <= p["ci_low"] <= p["diff"] <= p["ci_high"] <= 1.0
+    kv = {k["mode"]: k["total"] for k in suite["kv_bytes"]}
+    assert kv["indexer"] == kv["full"] + sum(  # full KV everywhere, plus indexer keys
+        k["indexer"] for k in suite["kv_bytes"] if k["mode"] == "indexer")
+    assert kv["streaming"] < kv["paper"] < kv["full"]
+    dens = {d["mode"]: d for d in suite["density"]}
+    assert 0.0 < dens["streaming"]["compute_density"] < dens["paper"]["compute_density"] <= 1.0
+    assert 0.0 < dens["paper"]["decode_density"] <= 1.0
+
+
+def test_paired_difference_on_known_hits():
+    full = np.array([1, 1, 0, 0, 1, 0, 1, 1], bool)
+    same = ev_lib.paired_difference(full, full)
+    assert same == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    worse = ev_lib.paired_difference(full, np.zeros(8, bool))
+    assert worse["diff"] == -5 / 8 and worse["ci_low"] < -5 / 8 < worse["ci_high"] <= 0.0
+
+
 def test_completion_cut_at_eos():
     tok = ByteTokenizer()
     assert ev_lib.completion_text(np.array([32, 52, 50, 7, 65]), tok, (7,)) == " 42"
@@ -191,6 +238,7 @@ def test_perplexity_of_a_batch_matches_its_rows():
     (dict(modes=("full", "magic")), "unknown eval mode"),
     (dict(modes=()), "unknown eval mode"),
     (dict(modes=("full", "topk")), "needs 'rtpurbo'"),
+    (dict(modes=("full", "paper")), "needs its checkpoint"),
     (dict(tasks=("passkey", "sudoku")), "unknown eval task"),
     (dict(samples=0), "eval.samples must be positive"),
     (dict(samples=-3), "eval.samples must be positive"),
