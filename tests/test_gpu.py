@@ -34,11 +34,26 @@ F32_TOL = 1e-4  # relative to max |logit|
 # be about as close to the float32 truth as the bf16 reference path is.
 BF16_SLACK = 1.5
 
-def _models(dtype: str, top_p: float):
+# The paper design: query-head routing (mixed KV groups in layer 0, a whole group in layer 2),
+# local heads on 4 sinks + a 512-token window, so the prompts above wrap the ring.
+PAPER_MASK = ((True, False, False, False, True, False, False, False, False),
+              (False,) * 9,
+              (False, False, False, True, True, True, False, False, False))
+DESIGNS = ["indexer", "paper"]
+
+
+def _sparse(design: str, top_p: float) -> SparseConfig:
+    if design == "paper":
+        return SparseConfig(PAPER_MASK, design="paper", group_size=CONFIG.group_size, rank=16,
+                            top_p=top_p, sink_tokens=4, window=512, local_blocks=1)
+    mask = ((True, False, False), (False, False, False), (False, True, False))
+    return SparseConfig(mask, rank=16, top_p=top_p)
+
+
+def _models(dtype: str, top_p: float, design: str = "indexer"):
     params = jax.tree.map(lambda x: (4.0 * x).astype(dtype),
                           init_params(CONFIG, jax.random.key(0)))
-    mask = ((True, False, False), (False, False, False), (False, True, False))
-    sparse = SparseConfig(mask, rank=16, top_p=top_p)
+    sparse = _sparse(design, top_p)
     rng = np.random.default_rng(0)
     queries = [rng.normal(size=(256, 9, 64)) for _ in range(CONFIG.num_layers)]
     indexer = init_indexer(queries, CONFIG, sparse)
@@ -61,17 +76,19 @@ def _prefill_logits(model: SparseModel) -> list[np.ndarray]:
     return [logits[row, :n] for row, n in enumerate(LENGTHS)]
 
 
-def test_prefill_float32_matches_reference():
+@pytest.mark.parametrize("design", DESIGNS)
+def test_prefill_float32_matches_reference(design):
     with jax.default_matmul_precision("highest"):
-        fast, reference = _models("float32", 0.8)
+        fast, reference = _models("float32", 0.8, design)
         for a, b in zip(_prefill_logits(fast), _prefill_logits(reference), strict=True):
             assert _err(a, b) <= F32_TOL
 
 
-def test_prefill_bf16_is_as_accurate_as_reference():
+@pytest.mark.parametrize("design", DESIGNS)
+def test_prefill_bf16_is_as_accurate_as_reference(design):
     with jax.default_matmul_precision("highest"):
-        truth = _prefill_logits(_models("float32", 1.0)[1])
-    fast, reference = _models("bfloat16", 1.0)
+        truth = _prefill_logits(_models("float32", 1.0, design)[1])
+    fast, reference = _models("bfloat16", 1.0, design)
     for a, b, t in zip(_prefill_logits(fast), _prefill_logits(reference), truth, strict=True):
         assert _err(a, t) <= BF16_SLACK * _err(b, t), (_err(a, t), _err(b, t))
 
@@ -92,8 +109,9 @@ def _decode_logits(model: SparseModel, tokens: np.ndarray, lengths: np.ndarray) 
 
 
 @pytest.mark.parametrize("dtype,top_p,tol", [("float32", 0.8, F32_TOL), ("bfloat16", 1.0, None)])
-def test_fast_decode_matches_reference(dtype, top_p, tol):
-    fast, reference = _models(dtype, top_p)
+@pytest.mark.parametrize("design", DESIGNS)
+def test_fast_decode_matches_reference(dtype, top_p, tol, design):
+    fast, reference = _models(dtype, top_p, design)
     tokens, lengths = right_pad(_rows())
     precision = jax.default_matmul_precision("highest" if dtype == "float32" else "default")
     with precision:
