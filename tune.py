@@ -66,7 +66,8 @@ def main(argv: list[str]) -> None:
         on_result=lambda partial: tuning.write_sweep(partial, meta, out_dir))
     chosen = sweep["chosen"]
     target = Path(tune.write_to) if tune.write_to else paths.run_dir / "sparse_tuned"
-    tuned = tuning.variant(model, scores, chosen["top_p"], chosen["retrieval_fraction"])
+    tuned = tuning.variant(model, scores, chosen["top_p"], chosen["asked_fraction"],
+                           chosen["granularity"])
     tuned.save_sparse(target)
     tuned.save_sparse(target.with_name(target.name + "_safetensors"), safetensors=True)
     sweep["written"] = str(target)

@@ -17,9 +17,11 @@ def get_config() -> ml_collections.ConfigDict:
     config = default_model_config()
     config.name = "smollm2_135m_paper"
     config.sparse.update(design="paper", window=1024, sink_blocks=1, local_blocks=1)
-    # Indexers for 20% of the query heads: tune.py can narrow to fewer without retraining.
-    config.heads.update(method="needle", granularity="query", length=8192, rule="fraction",
+    # Indexers for the best 20% of query heads chosen singly and as whole KV groups: tune.py
+    # then compares the two routings, and narrower fractions, without retraining.
+    config.heads.update(method="needle", granularity="both", length=8192, rule="fraction",
                         rule_value=0.2)
     config.train.update(loss_level="token", teacher_top_p=1.0)
-    config.tune.update(retrieval_fraction=(0.1, 0.15, 0.2), max_density=1.0)
+    config.tune.update(retrieval_fraction=(0.1, 0.15, 0.2), granularity=("query", "kv"),
+                       max_density=1.0)
     return config

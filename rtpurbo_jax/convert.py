@@ -48,6 +48,9 @@ CALIBRATION_ROWS = 16384
 CALIBRATION_STREAM = 7
 RULES = ("threshold", "fraction", "count")
 METHODS = ("needle", "tasks")
+# heads.granularity "both": indexers for the union of the query-head and the KV-group choices,
+# so tune.py can compare the two routings at equal query-head fractions from one training run.
+BOTH = "both"
 # Separates the needle documents' random stream from the other calibration streams.
 NEEDLE_STREAM = 11
 
@@ -153,6 +156,16 @@ def _rule(heads: Any) -> dict[str, float]:
             float(heads.rule_value)}
 
 
+def paper_mask(scores: np.ndarray, group_size: int, granularity: str, rule: dict[str, float]
+               ) -> tuple[tuple[bool, ...], ...]:
+    """The paper design's query-head mask by `granularity` ("query", "kv" or BOTH)."""
+    if granularity != BOTH:
+        return choose_query_heads(scores, group_size, granularity=granularity, **rule)
+    masks = [np.asarray(choose_query_heads(scores, group_size, granularity=g, **rule))
+             for g in ("query", "kv")]
+    return tuple(tuple(bool(x) for x in row) for row in masks[0] | masks[1])
+
+
 def needle_calibration(model: SparseModel, heads: Any, seed: int, tokenizer: Any
                        ) -> tuple[np.ndarray, dict[str, Any]]:
     """The paper's retrieval score of every query head: [layers, heads], and what it ran on."""
@@ -183,12 +196,13 @@ def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path,
     if heads.method == "needle":
         scores, info = needle_calibration(model, heads, seed, tokenizer)
         info.update(rule)
-        info["design"] = design
+        info.update(design=design, granularity=heads.granularity)
         if design == "paper":
-            mask = choose_query_heads(scores, config.group_size, granularity=heads.granularity,
-                                      **rule)
+            mask = paper_mask(scores, config.group_size, heads.granularity, rule)
             save_needle_profile(run_dir / "heads", scores, mask, config.name, info,
-                                config.group_size, granularity=heads.granularity)
+                                config.group_size,
+                                granularity="query" if heads.granularity == BOTH else
+                                heads.granularity)
         else:  # one score per KV head: its query heads' mean
             per_group = group_scores(scores, config.group_size)
             mask = choose_query_heads(per_group, 1, granularity="query", **rule)

@@ -24,7 +24,7 @@ import numpy as np
 from rtpurbo_jax.api import SparseModel
 from rtpurbo_jax.config import SparseConfig
 from rtpurbo_jax.evaluation import mean_accuracy, pyplot, run_suite
-from rtpurbo_jax.heads import choose_retrieval_heads
+from rtpurbo_jax.heads import choose_query_heads, choose_retrieval_heads
 
 IndexerParams = dict[str, Any]
 
@@ -36,6 +36,8 @@ def default_tune_config() -> ml_collections.ConfigDict:
         seed=2,
         top_p=(0.9, 0.95, 0.98),
         retrieval_fraction=(0.1, 0.2),
+        # Design "paper": route single query heads ("query") or whole KV groups ("kv").
+        granularity=("query",),
         tasks=("passkey", "niah_multikey", "kv_retrieval"),
         samples=20,  # per (task, length) cell; lengths, batch size and dtype come from `eval`
         perplexity_windows=4,
@@ -91,41 +93,41 @@ def add_retrieval_heads(sparse: SparseConfig, scores: np.ndarray, fraction: floa
     return choose_retrieval_heads(np.where(mask, np.inf, scores), count=target)
 
 
-def narrow_retrieval(sparse: SparseConfig, indexer: IndexerParams, scores: np.ndarray,
-                     fraction: float) -> tuple[SparseConfig, IndexerParams]:
-    """A paper-design checkpoint keeping only its best-scoring retrieval query heads, `fraction`
-    of all query heads; the others become local heads and their indexer weights are dropped.
-    Adding retrieval heads is refused: each needs an indexer trained for it.
-
-    scores: [layers, heads] (a needle profile's "score")."""
-    mask = np.asarray(sparse.retrieval_mask, bool)
-    if scores.shape != mask.shape:
-        raise ValueError(f"head scores are {list(scores.shape)}, the checkpoint's mask is "
-                         f"{list(mask.shape)}")
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"retrieval fraction must be in [0, 1], got {fraction}")
-    target, have = int(round(fraction * mask.size)), int(mask.sum())
-    if target > have:
-        raise ValueError(f"retrieval fraction {fraction} means {target} query heads, but the "
-                         f"checkpoint has indexers for {have}; train with a larger "
-                         "heads.rule_value, then narrow here")
-    kept = choose_retrieval_heads(np.where(mask, scores, -np.inf), count=target)
-    narrowed = sparse.replace(retrieval_mask=kept)
+def restrict_retrieval(sparse: SparseConfig, indexer: IndexerParams,
+                       mask: Sequence[Sequence[bool]]) -> tuple[SparseConfig, IndexerParams]:
+    """A paper-design checkpoint keeping only the retrieval query heads of `mask` (a subset of
+    its own); the others become local heads and their indexer weights are dropped. Adding a
+    retrieval head is refused: each needs an indexer trained for it."""
+    narrowed = sparse.replace(retrieval_mask=mask)
+    if (narrowed.num_layers, len(narrowed.retrieval_mask[0])) != (
+            sparse.num_layers, len(sparse.retrieval_mask[0])):
+        raise ValueError(f"mask is [{narrowed.num_layers}][{len(narrowed.retrieval_mask[0])}], "
+                         f"the checkpoint's is [{sparse.num_layers}]"
+                         f"[{len(sparse.retrieval_mask[0])}]")
     layers = []
     for layer in range(sparse.num_layers):
         old, new = sparse.retrieval_heads(layer), narrowed.retrieval_heads(layer)
+        missing = sorted(set(new) - set(old))
+        if missing:
+            raise ValueError(f"layer {layer}: query heads {missing} have no trained indexer; "
+                             "train with a larger heads.rule_value (or heads.granularity "
+                             "'both'), then narrow here")
         keep = np.asarray([old.index(h) for h in new], np.int32)
         layers.append({name: w[keep] for name, w in indexer["layers"][layer].items()}
                       if new else {})
     return narrowed, {"layers": layers}
 
 
-def variant(model: SparseModel, scores: np.ndarray, top_p: float, fraction: float
-            ) -> SparseModel:
-    """The model's checkpoint with another top_p and retrieval fraction: retrieval heads added
-    (design "indexer") or removed (design "paper"), so nothing is retrained."""
+def variant(model: SparseModel, scores: np.ndarray, top_p: float, fraction: float,
+            granularity: str = "query") -> SparseModel:
+    """The model's checkpoint with another top_p and retrieval fraction: retrieval KV heads
+    added (design "indexer"; scores [layers, kv_heads]), or the best query heads (granularity
+    "query") or KV groups ("kv") among those with a trained indexer kept (design "paper";
+    scores [layers, heads]), so nothing is retrained."""
     if model.sparse.design == "paper":
-        sparse, indexer = narrow_retrieval(model.sparse, model.indexer, scores, fraction)
+        mask = choose_query_heads(scores, model.config.group_size, granularity=granularity,
+                                  fraction=fraction)
+        sparse, indexer = restrict_retrieval(model.sparse, model.indexer, mask)
     else:
         mask = add_retrieval_heads(model.sparse, scores, fraction)
         sparse, indexer = widen_retrieval(model.sparse, model.indexer, mask)
@@ -208,11 +210,16 @@ def validation_sweep(model: SparseModel, tokenizer: Any, scores: np.ndarray, ev:
     out: dict[str, Any] = {"full": summarise(
         run_suite(model, tokenizer, suite_section(ev, tune, ("full",)), progress), "full"),
         "variants": []}
-    for top_p, fraction in itertools.product(tune.top_p, tune.retrieval_fraction):
-        candidate = variant(model, scores, top_p, fraction)
+    paper = model.sparse.design == "paper"
+    granularities = tuple(tune.granularity) if paper else ("kv",)
+    for granularity, top_p, fraction in itertools.product(granularities, tune.top_p,
+                                                          tune.retrieval_fraction):
+        candidate = variant(model, scores, top_p, fraction, granularity)
         suite = run_suite(candidate, tokenizer, suite_section(ev, tune, ("rtpurbo",)), progress)
-        out["variants"].append({"top_p": top_p,
+        out["variants"].append({"top_p": top_p, "asked_fraction": fraction,
+                                "granularity": granularity,
                                 "retrieval_fraction": candidate.sparse.retrieval_fraction,
+                                "kv_group_fraction": candidate.sparse.kv_group_fraction,
                                 **summarise(suite, "rtpurbo")})
         if on_result is not None:
             on_result(out)
@@ -225,12 +232,15 @@ def plot_sweep(sweep: dict[str, Any], title: str, path: Path) -> None:
     line."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.4, 3.8))
-    fractions = sorted({v["retrieval_fraction"] for v in sweep["variants"]})
-    for fraction in fractions:
-        rows = [v for v in sweep["variants"] if v["retrieval_fraction"] == fraction]
+    lines = sorted({(v.get("granularity", ""), v["retrieval_fraction"])
+                    for v in sweep["variants"]})
+    for granularity, fraction in lines:
+        rows = [v for v in sweep["variants"] if v["retrieval_fraction"] == fraction
+                and v.get("granularity", "") == granularity]
         xs = [final_density(v) for v in rows]
+        routing = f"{granularity} routing, " if granularity else ""
         ax.plot(xs, [v["accuracy"] for v in rows], "o-",
-                label=f"retrieval heads {fraction:.0%}")
+                label=f"{routing}retrieval heads {fraction:.0%}")
         for x, v in zip(xs, rows, strict=True):
             ax.annotate(f"p={v['top_p']}", (x, v["accuracy"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
@@ -273,5 +283,7 @@ def markdown_sweep(sweep: dict[str, Any]) -> str:
     lines.append(row("full", sweep["full"]))
     for v in sweep["variants"]:
         mark = " (chosen)" if v is sweep.get("chosen") else ""
-        lines.append(row(f"p={v['top_p']}, retrieval {v['retrieval_fraction']:.0%}{mark}", v))
+        routing = f"{v['granularity']} routing, " if "granularity" in v else ""
+        lines.append(row(f"{routing}p={v['top_p']}, retrieval {v['retrieval_fraction']:.0%}"
+                         f"{mark}", v))
     return "\n".join(lines)

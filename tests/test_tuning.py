@@ -153,3 +153,46 @@ def test_tune_cli_writes_a_sweep_and_a_loadable_checkpoint(tmp_path):
     assert sparse.top_p == sweep["chosen"]["top_p"] and sparse.retrieval_mask == MASK
     assert load_sparse(run_dir / "sparse_tuned_safetensors")[0] == sparse
     assert jnp.asarray(indexer["layers"][1]["wq"]).shape[0] == 2
+
+
+# Paper design on the tiny model (2 layers x 4 query heads, KV groups of 2).
+PAPER_SCORES = np.array([[0.9, 0.1, 0.2, 0.8], [0.3, 0.7, 0.6, 0.05]])
+PAPER_FRACTION = 3 / 8
+
+
+def _paper_model():
+    """A checkpoint trained (here: initialised) for the union of both routings' choices."""
+    from rtpurbo_jax.convert import paper_mask
+
+    model = load_from_config(tiny.get_config().model, backend="reference")
+    arch = model.config
+    union = paper_mask(PAPER_SCORES, arch.group_size, "both", {"fraction": PAPER_FRACTION})
+    sparse = SparseConfig(union, design="paper", group_size=arch.group_size, rank=4,
+                          block_q=16, block_k=16, window=32, local_blocks=1)
+    rng = np.random.default_rng(0)
+    queries = [rng.normal(size=(64, arch.num_heads, arch.head_dim)) for _ in union]
+    return model.with_sparse(sparse, init_indexer(queries, arch, sparse))
+
+
+@pytest.mark.parametrize("granularity", ["query", "kv"])
+def test_paper_variants_keep_each_heads_own_indexer(granularity):
+    from rtpurbo_jax.heads import choose_query_heads
+
+    model = _paper_model()
+    chosen = tuning.variant(model, PAPER_SCORES, 0.9, PAPER_FRACTION, granularity)
+    assert chosen.sparse.retrieval_mask == choose_query_heads(
+        PAPER_SCORES, 2, granularity=granularity, fraction=PAPER_FRACTION)
+    assert chosen.sparse.top_p == 0.9
+    for layer in range(2):
+        old = model.sparse.retrieval_heads(layer)
+        for i, h in enumerate(chosen.sparse.retrieval_heads(layer)):
+            for w in ("wq", "wk"):
+                np.testing.assert_array_equal(
+                    np.asarray(chosen.indexer["layers"][layer][w][i]),
+                    np.asarray(model.indexer["layers"][layer][w][old.index(h)]))
+
+
+def test_paper_variants_refuse_heads_without_an_indexer():
+    model = _paper_model()
+    with pytest.raises(ValueError, match="no trained indexer"):
+        tuning.variant(model, PAPER_SCORES, 0.9, 1.0, "query")
