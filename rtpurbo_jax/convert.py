@@ -31,6 +31,7 @@ from rtpurbo_jax.heads import (
     needle_document,
     needle_scores,
     profile_heads,
+    ranking_agreement,
     save_needle_profile,
     save_profile,
 )
@@ -317,9 +318,32 @@ def _measure_checkpoint(model: SparseModel, args: Any) -> None:
     print(f"wrote {path}")
 
 
+def per_kv_head_scores(profile: dict[str, Any]) -> np.ndarray:
+    """[layers, kv_heads] scores of a head profile JSON: a task profile's "score", or a needle
+    profile's "group_score" (its query heads' mean)."""
+    return np.asarray(profile["group_score"] if "group_score" in profile else profile["score"],
+                      np.float64)
+
+
+def compare_profiles(paths: Sequence[str], out: str) -> dict[str, Any]:
+    """How two head profiles (heads.json of either method) rank the KV heads: Spearman and the
+    overlap of their top sets at 10% and 20% of the KV heads. Writes <out>.json."""
+    a, b = (per_kv_head_scores(json.loads(Path(p).read_text())) for p in paths)
+    if a.shape != b.shape:
+        raise ValueError(f"the profiles are {list(a.shape)} and {list(b.shape)}: not one model")
+    report = {"profiles": list(paths), "kv_heads": int(a.size),
+              "agreement": [ranking_agreement(a, b, max(1, round(f * a.size)))
+                            for f in (0.1, 0.2)]}
+    path = Path(out).with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Profile a model's heads and measure its SVD-initialised indexer, or (with --sparse)
-    measure a trained sparse checkpoint's selection at several top-p."""
+    measure a trained sparse checkpoint's selection at several top-p, or (with --compare)
+    compare two head profiles' rankings."""
     import argparse
 
     from rtpurbo_jax.api import load
@@ -336,7 +360,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/profile/model", help="output path prefix")
+    parser.add_argument("--compare", nargs=2, metavar="HEADS_JSON", default=None,
+                        help="compare two head profiles' rankings of the KV heads (no model)")
     args = parser.parse_args(argv)
+    if args.compare:
+        for row in compare_profiles(args.compare, args.out)["agreement"]:
+            print(f"top {row['top']}: Spearman {row['spearman']:.3f}, overlap "
+                  f"{row['top_overlap']:.3f}")
+        return
     model = load(args.source)
     if args.sparse:
         _measure_checkpoint(model, args)

@@ -275,3 +275,18 @@ def test_save_needle_profile(tmp_path):
         assert png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="mask is"):
         save_needle_profile(tmp_path / "bad", scores, mask[:1], "toy", {}, 2)
+
+
+def test_compare_profiles_of_both_methods(tmp_path):
+    """A task profile (per KV head) and a needle profile (per query head, with group scores)
+    of one model compare on the KV heads; identical rankings agree fully."""
+    from rtpurbo_jax.convert import compare_profiles
+
+    scores = np.array([[0.1, 0.9], [0.5, 0.3]])
+    (tmp_path / "tasks.json").write_text(json.dumps({"score": scores.tolist()}))
+    (tmp_path / "needle.json").write_text(json.dumps({"score": [[0.0] * 4] * 2,
+                                                      "group_score": (2 * scores).tolist()}))
+    report = compare_profiles([str(tmp_path / "tasks.json"), str(tmp_path / "needle.json")],
+                              str(tmp_path / "out"))
+    assert all(r["spearman"] == 1.0 and r["top_overlap"] == 1.0 for r in report["agreement"])
+    assert json.loads((tmp_path / "out.json").read_text()) == report
