@@ -13,28 +13,49 @@ results/eval/<config name>):
   accuracy.png   accuracy vs length, a line per mode
   density.png    sparse-head density vs length
   heads.png      the retrieval-score heatmap, when the run has a head profile (heads.json)
-eval.seed is the test seed: tune only on a separate validation seed.
+eval.seed is the test seed: tune only on a separate validation seed. Runs over disjoint
+lengths (one per call on a time-limited machine) merge into one results.json with its plots:
+
+    python eval.py --merge=a/results.json --merge=b/results.json --config.eval.out_dir=DIR
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                                "smollm2_135m.py")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "model config (a configs/*.py file), with its eval section")
+_MERGE = flags.DEFINE_multi_string(
+    "merge", None, "instead of evaluating: merge the results.json of runs over disjoint lengths "
+    "(repeat the flag) into --config.eval.out_dir, with its plots")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from rtpurbo_jax.evaluation import evaluate, markdown_report
+    from rtpurbo_jax.evaluation import evaluate, markdown_report, merge_results, write_outputs
 
-    results, written = evaluate(_CONFIG.value)
+    if _MERGE.value:
+        config = _CONFIG.value
+        out_dir = Path(config.eval.out_dir or os.path.join("results", "eval", config.name))
+        paths = [Path(p) for p in _MERGE.value]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise app.UsageError(f"no results file at {', '.join(missing)}")
+        try:
+            results = merge_results([json.loads(p.read_text()) for p in paths])
+        except ValueError as err:
+            raise app.UsageError(f"cannot merge: {err}") from err
+        written = write_outputs(results, out_dir, Path(config.eval.heads_file or "-"))
+    else:
+        results, written = evaluate(_CONFIG.value)
     print(markdown_report(results))
     print()
     if "heads" not in written:

@@ -604,6 +604,42 @@ def evaluate(config: Any, progress: bool = True) -> tuple[dict[str, Any], dict[s
     return results, write_outputs(results, paths.out_dir, paths.heads)
 
 
+# Per-length result lists that merging concatenates; everything else must agree across runs.
+PER_LENGTH_KEYS = ("cells", "density", "paired", "kv_bytes", "topk_budget", "perplexity")
+# Run metadata that may differ between runs of one evaluation (recorded per run when merged).
+PER_RUN_KEYS = ("commit", "head_profile")
+
+
+def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from runs of the same evaluation over disjoint lengths (e.g. one call
+    per length on a time-limited machine): the per-length lists concatenated, the lengths
+    united. Refuses runs whose settings (other than lengths) or checkpoints differ, or that
+    share a length."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    lengths: list[int] = []
+    for part in parts:
+        for key in first:
+            if key in (*PER_LENGTH_KEYS, *PER_RUN_KEYS, "settings"):
+                continue
+            if part.get(key) != first[key]:
+                raise ValueError(f"runs differ in {key!r}: not one evaluation")
+        settings = {k: v for k, v in part["settings"].items() if k != "lengths"}
+        if settings != {k: v for k, v in first["settings"].items() if k != "lengths"}:
+            raise ValueError("runs differ in their settings (other than lengths)")
+        if set(part["settings"]["lengths"]) & set(lengths):
+            raise ValueError(f"runs share a length: {part['settings']['lengths']}")
+        lengths += part["settings"]["lengths"]
+    merged = {**first, "settings": {**first["settings"], "lengths": sorted(lengths)}}
+    for key in PER_LENGTH_KEYS:
+        merged[key] = [row for part in parts for row in part.get(key, [])]
+    for key in PER_RUN_KEYS:
+        merged[key] = [part.get(key) for part in parts] if len(
+            {str(part.get(key)) for part in parts}) > 1 else first.get(key)
+    return merged
+
+
 def write_outputs(results: dict[str, Any], out_dir: Path, heads_file: Path) -> dict[str, Path]:
     """results.json, the accuracy and density plots, and the head heatmap when heads_file (a
     profile written by heads.save_profile) exists. Returns {name: path} of what was written."""
@@ -750,6 +786,33 @@ def markdown_report(results: dict[str, Any]) -> str:
                         if d["length"] == length and d["mode"] == m) for m in sparse_modes]
             lines.append(f"| {length} | " + " | ".join(_fmt(d) for d in row)
                          + f" | {budgets.get(length, '-')} |")
+    if results.get("paired"):
+        lines += ["", "Difference to full (same samples, all tasks) [95% paired bootstrap "
+                  "interval]:", "", "| length | " + " | ".join(
+                      m for m in modes if m != "full") + " |",
+                  "|---:|" + "---:|" * (len(modes) - 1)]
+        for length in lengths:
+            row = [next((p for p in results["paired"] if p["length"] == length
+                         and p["mode"] == m), None) for m in modes if m != "full"]
+            lines.append(f"| {length} | " + " | ".join(
+                "-" if p is None else f"{p['diff']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
+                for p in row) + " |")
+    if sparse_modes and all("compute_density" in d for d in results["density"]):
+        lines += ["", "Compute density per query head, prefill / decode (attended / causal "
+                  "keys, all heads):", "", "| length | " + " | ".join(sparse_modes) + " |",
+                  "|---:|" + "---:|" * len(sparse_modes)]
+        for length in lengths:
+            row = [next(d for d in results["density"] if d["length"] == length
+                        and d["mode"] == m) for m in sparse_modes]
+            lines.append(f"| {length} | " + " | ".join(
+                f"{_fmt(d['compute_density'])} / {_fmt(d['decode_density'])}" for d in row) + " |")
+    if results.get("kv_bytes"):
+        lines += ["", "KV cache of one row, MiB (with indexer keys):", "",
+                  "| length | " + " | ".join(modes) + " |", "|---:|" + "---:|" * len(modes)]
+        for length in lengths:
+            row = [next(k["total"] for k in results["kv_bytes"] if k["length"] == length
+                        and k["mode"] == m) for m in modes]
+            lines.append(f"| {length} | " + " | ".join(f"{b / 2**20:.1f}" for b in row) + " |")
     if results["perplexity"]:
         first = results["perplexity"][0]
         lines += ["", f"Perplexity on held-out text ({first['length']}-token windows, "

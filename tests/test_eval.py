@@ -276,3 +276,23 @@ def test_evaluate_refuses_bad_settings_before_loading(tmp_path):
     config.eval.samples = SAMPLES
     with pytest.raises(SparseCheckpointError, match="no sparse checkpoint"):
         ev_lib.evaluate(config, progress=False)
+
+
+def test_runs_over_disjoint_lengths_merge():
+    def run(lengths, commit):
+        return {"model": "m", "commit": commit, "head_profile": None,
+                "settings": {"lengths": lengths, "seed": 1},
+                "cells": [{"length": n} for n in lengths], "density": [], "paired": [],
+                "kv_bytes": [], "topk_budget": [],
+                "perplexity": [{"length": n} for n in lengths if n == 8]}
+
+    merged = ev_lib.merge_results([run([2, 4], "a"), run([8], "b")])
+    assert merged["settings"]["lengths"] == [2, 4, 8]
+    assert [c["length"] for c in merged["cells"]] == [2, 4, 8]
+    assert merged["perplexity"] == [{"length": 8}] and merged["commit"] == ["a", "b"]
+    with pytest.raises(ValueError, match="share a length"):
+        ev_lib.merge_results([run([2], "a"), run([2], "a")])
+    other = run([8], "a")
+    other["settings"]["seed"] = 2
+    with pytest.raises(ValueError, match="settings"):
+        ev_lib.merge_results([run([2], "a"), other])
