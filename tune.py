@@ -3,10 +3,11 @@
     python tune.py                                   # after train.py, before eval.py
     python tune.py --config.tune.top_p="(0.9,0.95)" --config.tune.retrieval_fraction="(0.1,)"
 
-For every (tune.top_p, tune.retrieval_fraction) pair: the accuracy suite in mode rtpurbo on the
-validation seed tune.seed (never eval.seed, the test seed), its density and perplexity; `full`
-once beside them. Retrieval heads are only added (best head-profile scores first), so nothing
-is retrained. The most accurate variant within tune.max_density (at the largest length) and
+For every (tune.top_p, tune.retrieval_fraction) pair (and tune.granularity in the paper design):
+the accuracy suite in mode rtpurbo on the validation seed tune.seed (never eval.seed, the test
+seed), its density and perplexity; `full` once beside them. Nothing is retrained: retrieval KV
+heads are only added (indexer design, best head-profile scores first), retrieval query heads
+only removed (paper design: the best heads, or KV groups, among those with an indexer). The most accurate variant within tune.max_density (at the largest length) and
 tune.max_retrieval_fraction is written as a sparse checkpoint (tune.write_to, default
 <run_dir>/sparse_tuned, plus a safetensors export beside it) for eval.py:
 

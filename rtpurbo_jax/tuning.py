@@ -48,30 +48,38 @@ def default_tune_config() -> ml_collections.ConfigDict:
     ))
 
 
-def widen_retrieval(sparse: SparseConfig, indexer: IndexerParams,
-                    mask: Sequence[Sequence[bool]]) -> tuple[SparseConfig, IndexerParams]:
-    """The checkpoint with retrieval mask `mask`, which must keep every retrieval head of
-    `sparse`; the indexer weights of groups that become retrieval heads are dropped.
+def remask(sparse: SparseConfig, indexer: IndexerParams, mask: Sequence[Sequence[bool]]
+           ) -> tuple[SparseConfig, IndexerParams]:
+    """The checkpoint with retrieval mask `mask`; every group or head that keeps an indexer
+    keeps its own weights. Refused when the mask needs an indexer the checkpoint lacks: in the
+    indexer design a mask may only add retrieval KV heads, in the paper design only remove
+    retrieval query heads.
 
-    indexer["layers"][i]: {"wq": [sparse groups, ...], "wk": [sparse groups, ...]} in the order
-    of sparse.sparse_groups(i), or {} for a layer without sparse groups.
+    indexer["layers"][i]: {"wq": [indexed, ...], "wk": [indexed, ...]} in the order of
+    sparse.indexed_heads(i), or {} for a layer without any.
     """
-    widened = sparse.replace(retrieval_mask=mask)
-    if (widened.num_layers, widened.num_kv_heads) != (sparse.num_layers, sparse.num_kv_heads):
-        raise ValueError(f"mask is [{widened.num_layers}][{widened.num_kv_heads}], the "
-                         f"checkpoint's is [{sparse.num_layers}][{sparse.num_kv_heads}]")
+    changed = sparse.replace(retrieval_mask=mask)
+    have = (sparse.num_layers, len(sparse.retrieval_mask[0]))
+    want = (changed.num_layers, len(changed.retrieval_mask[0]))
+    if want != have:
+        raise ValueError(f"mask is [{want[0]}][{want[1]}], the checkpoint's is "
+                         f"[{have[0]}][{have[1]}]")
     layers = []
     for layer in range(sparse.num_layers):
-        old, new = sparse.sparse_groups(layer), widened.sparse_groups(layer)
-        lost = sorted(set(new) - set(old))
-        if lost:
-            raise ValueError(f"layer {layer}: KV heads {lost} are retrieval heads of the "
+        old, new = sparse.indexed_heads(layer), changed.indexed_heads(layer)
+        missing = sorted(set(new) - set(old))
+        if missing and sparse.design == "paper":
+            raise ValueError(f"layer {layer}: query heads {missing} have no trained indexer; "
+                             "train with a larger heads.rule_value (or heads.granularity "
+                             "'both'), then narrow here")
+        if missing:
+            raise ValueError(f"layer {layer}: KV heads {missing} are retrieval heads of the "
                              "checkpoint and have no trained indexer; a mask may only add "
                              "retrieval heads")
-        keep = np.asarray([old.index(g) for g in new], np.int32)
+        keep = np.asarray([old.index(h) for h in new], np.int32)
         layers.append({name: w[keep] for name, w in indexer["layers"][layer].items()}
                       if new else {})
-    return widened, {"layers": layers}
+    return changed, {"layers": layers}
 
 
 def add_retrieval_heads(sparse: SparseConfig, scores: np.ndarray, fraction: float
@@ -93,31 +101,6 @@ def add_retrieval_heads(sparse: SparseConfig, scores: np.ndarray, fraction: floa
     return choose_retrieval_heads(np.where(mask, np.inf, scores), count=target)
 
 
-def restrict_retrieval(sparse: SparseConfig, indexer: IndexerParams,
-                       mask: Sequence[Sequence[bool]]) -> tuple[SparseConfig, IndexerParams]:
-    """A paper-design checkpoint keeping only the retrieval query heads of `mask` (a subset of
-    its own); the others become local heads and their indexer weights are dropped. Adding a
-    retrieval head is refused: each needs an indexer trained for it."""
-    narrowed = sparse.replace(retrieval_mask=mask)
-    if (narrowed.num_layers, len(narrowed.retrieval_mask[0])) != (
-            sparse.num_layers, len(sparse.retrieval_mask[0])):
-        raise ValueError(f"mask is [{narrowed.num_layers}][{len(narrowed.retrieval_mask[0])}], "
-                         f"the checkpoint's is [{sparse.num_layers}]"
-                         f"[{len(sparse.retrieval_mask[0])}]")
-    layers = []
-    for layer in range(sparse.num_layers):
-        old, new = sparse.retrieval_heads(layer), narrowed.retrieval_heads(layer)
-        missing = sorted(set(new) - set(old))
-        if missing:
-            raise ValueError(f"layer {layer}: query heads {missing} have no trained indexer; "
-                             "train with a larger heads.rule_value (or heads.granularity "
-                             "'both'), then narrow here")
-        keep = np.asarray([old.index(h) for h in new], np.int32)
-        layers.append({name: w[keep] for name, w in indexer["layers"][layer].items()}
-                      if new else {})
-    return narrowed, {"layers": layers}
-
-
 def variant(model: SparseModel, scores: np.ndarray, top_p: float, fraction: float,
             granularity: str = "query") -> SparseModel:
     """The model's checkpoint with another top_p and retrieval fraction: retrieval KV heads
@@ -127,10 +110,9 @@ def variant(model: SparseModel, scores: np.ndarray, top_p: float, fraction: floa
     if model.sparse.design == "paper":
         mask = choose_query_heads(scores, model.config.group_size, granularity=granularity,
                                   fraction=fraction)
-        sparse, indexer = restrict_retrieval(model.sparse, model.indexer, mask)
     else:
         mask = add_retrieval_heads(model.sparse, scores, fraction)
-        sparse, indexer = widen_retrieval(model.sparse, model.indexer, mask)
+    sparse, indexer = remask(model.sparse, model.indexer, mask)
     return model.with_sparse(sparse.replace(top_p=top_p), indexer)
 
 

@@ -53,17 +53,17 @@ def test_added_heads_take_the_best_scores_and_keep_the_old_ones():
 def test_widening_keeps_each_remaining_groups_weights():
     model = _sparse_model()
     indexer = model.indexer
-    sparse, narrowed = tuning.widen_retrieval(model.sparse, indexer,
+    sparse, narrowed = tuning.remask(model.sparse, indexer,
                                               ((True, False), (True, False)))
     assert sparse.sparse_groups(1) == (1,)
     # Layer 1 had groups (0, 1); only group 1 (its second row) remains.
     for name in ("wq", "wk"):
         np.testing.assert_array_equal(narrowed["layers"][1][name], indexer["layers"][1][name][1:])
         np.testing.assert_array_equal(narrowed["layers"][0][name], indexer["layers"][0][name])
-    _, all_dense = tuning.widen_retrieval(model.sparse, indexer, ((True, True), (True, True)))
+    _, all_dense = tuning.remask(model.sparse, indexer, ((True, True), (True, True)))
     assert all_dense["layers"] == [{}, {}]
     with pytest.raises(ValueError, match="may only add retrieval heads"):
-        tuning.widen_retrieval(model.sparse, indexer, ((False, False), (True, True)))
+        tuning.remask(model.sparse, indexer, ((False, False), (True, True)))
 
 
 def test_a_variant_routes_like_a_checkpoint_made_with_its_mask():
