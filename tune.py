@@ -7,7 +7,8 @@ For every (tune.top_p, tune.retrieval_fraction) pair (and tune.granularity in th
 the accuracy suite in mode rtpurbo on the validation seed tune.seed (never eval.seed, the test
 seed), its density and perplexity; `full` once beside them. Nothing is retrained: retrieval KV
 heads are only added (indexer design, best head-profile scores first), retrieval query heads
-only removed (paper design: the best heads, or KV groups, among those with an indexer). The most accurate variant within tune.max_density (at the largest length) and
+only removed (paper design: the best heads, or KV groups, among those with an indexer). The
+most accurate variant within tune.max_density (at the largest length) and
 tune.max_retrieval_fraction is written as a sparse checkpoint (tune.write_to, default
 <run_dir>/sparse_tuned, plus a safetensors export beside it) for eval.py:
 

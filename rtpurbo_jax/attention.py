@@ -24,7 +24,7 @@ from rtpurbo_jax.cache import layer_groups, write_parts
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.dense import cudnn_supported, dense_attention_cudnn, dense_attention_reference
 from rtpurbo_jax.indexer import indexer_keys
-from rtpurbo_jax.model import QKV, AttendFn, query_heads
+from rtpurbo_jax.model import QKV, AttendFn, query_heads, take_heads
 from rtpurbo_jax.selection import select_decode, select_prefill, selection_stats, use_pallas
 
 BACKENDS = ("reference", "pallas", "auto")
@@ -75,13 +75,6 @@ def dense_decode(
                                      sliding_window=sliding_window)
 
 
-def _take(x: jax.Array, index: np.ndarray) -> jax.Array:
-    """x[:, :, index] along the head axis; no copy when index is every head in order."""
-    if len(index) == x.shape[2] and (index == np.arange(x.shape[2])).all():
-        return x
-    return x[:, :, index]
-
-
 def _merge_heads(parts: list[tuple[np.ndarray, jax.Array]], num_heads: int) -> jax.Array:
     """Reassembles [b, t, heads_i, d] pieces whose head indices are given into head order."""
     if len(parts) == 1:
@@ -110,13 +103,13 @@ def layer_prefill(
     pieces, cache_parts, stats = [], {}, _zero_stats()
     if dense:
         heads, kv = query_heads(dense, g_size), np.array(dense, np.int32)
-        kd, vd = _take(k, kv), _take(v, kv)
-        pieces.append((heads, dense_prefill(_take(q, heads), kd, vd, lengths, backend=backend,
+        kd, vd = take_heads(k, kv), take_heads(v, kv)
+        pieces.append((heads, dense_prefill(take_heads(q, heads), kd, vd, lengths, backend=backend,
                                             sliding_window=config.sliding_window)))
         cache_parts.update(k=kd, v=vd)
     if sparse_groups:
         heads, kv = query_heads(sparse_groups, g_size), np.array(sparse_groups, np.int32)
-        qs, ks, vs = _take(q, heads), _take(k, kv), _take(v, kv)
+        qs, ks, vs = take_heads(q, heads), take_heads(k, kv), take_heads(v, kv)
         ki = indexer_keys(ks, layer_indexer["wk"]) if sparse.scorer == "indexer" else None
         indices, counts = select_prefill(qs, ks, ki, lengths, sparse, layer_indexer, backend)
         kwargs = dict(block_q=sparse.block_q, block_k=sparse.block_k, lengths=lengths)
@@ -147,10 +140,10 @@ def layer_decode(
     parts: dict[str, jax.Array] = {}
     if dense:
         kv = np.array(dense, np.int32)
-        parts.update(k=_take(k, kv), v=_take(v, kv))
+        parts.update(k=take_heads(k, kv), v=take_heads(v, kv))
     if sparse_groups:
         kv = np.array(sparse_groups, np.int32)
-        parts.update(ks=_take(k, kv), vs=_take(v, kv))
+        parts.update(ks=take_heads(k, kv), vs=take_heads(v, kv))
         if "ki" in layer_cache:
             parts["ki"] = indexer_keys(parts["ks"], layer_indexer["wk"])
     cache = write_parts(layer_cache, parts, lengths)
@@ -158,11 +151,12 @@ def layer_decode(
     pieces, stats = [], _zero_stats()
     if dense:
         heads = query_heads(dense, g_size)
-        pieces.append((heads, dense_decode(_take(q, heads), cache["k"], cache["v"], new_lengths,
-                                           backend=backend, sliding_window=config.sliding_window)))
+        pieces.append((heads, dense_decode(take_heads(q, heads), cache["k"], cache["v"],
+                                           new_lengths, backend=backend,
+                                           sliding_window=config.sliding_window)))
     if sparse_groups:
         heads = query_heads(sparse_groups, g_size)
-        qs = _take(q, heads)
+        qs = take_heads(q, heads)
         indices, counts = select_decode(qs, cache["ks"], cache.get("ki"), new_lengths, sparse,
                                         layer_indexer, backend)
         args = (qs[:, 0], cache["ks"], cache["vs"], indices[:, :, 0], counts[:, :, 0],

@@ -59,6 +59,13 @@ def query_heads(kv_groups: tuple[int, ...], group_size: int) -> np.ndarray:
     return np.array([g * group_size + j for g in kv_groups for j in range(group_size)], np.int32)
 
 
+def take_heads(x: jax.Array, index: np.ndarray) -> jax.Array:
+    """x[:, :, index] along the head axis; no copy when index is every head in order."""
+    if len(index) == x.shape[2] and (index == np.arange(x.shape[2])).all():
+        return x
+    return x[:, :, index]
+
+
 def layer_param_axes(config: ModelConfig) -> dict[str, tuple[str, ...]]:
     """Logical axis names of one layer's parameters (for sharding rules)."""
     axes = {

@@ -32,19 +32,12 @@ from rtpurbo_jax.cache import ring_filled, ring_from_prefill, ring_slots, write_
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.dense import dense_attention_reference
 from rtpurbo_jax.indexer import indexer_keys
-from rtpurbo_jax.model import QKV, query_heads
+from rtpurbo_jax.model import QKV, query_heads, take_heads
 from rtpurbo_jax.selection import select_decode, use_pallas
 
 
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
-
-
-def _take(x: jax.Array, index: np.ndarray) -> jax.Array:
-    """x[:, :, index] along the head axis; no copy when index is every head in order."""
-    if len(index) == x.shape[2] and (index == np.arange(x.shape[2])).all():
-        return x
-    return x[:, :, index]
 
 
 def head_kv_layout(heads: tuple[int, ...], group_size: int, groups: tuple[int, ...]
@@ -111,23 +104,25 @@ def layer_prefill(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
     full, window = sparse.full_groups(layer), sparse.window_groups(layer)
     pieces, parts = [], {}
     if full:
-        kf, vf = _take(qkv.k, np.asarray(full, np.int32)), _take(qkv.v, np.asarray(full, np.int32))
+        full_index = np.asarray(full, np.int32)
+        kf, vf = take_heads(qkv.k, full_index), take_heads(qkv.v, full_index)
         parts.update(k=kf, v=vf)
         at = head_kv_layout(retrieval, gs, full)
-        pieces.append((retrieval, dense_prefill(_take(qkv.q, np.asarray(retrieval, np.int32)),
-                                                _take(kf, at), _take(vf, at), lengths,
+        pieces.append((retrieval, dense_prefill(take_heads(qkv.q, np.asarray(retrieval, np.int32)),
+                                                take_heads(kf, at), take_heads(vf, at), lengths,
                                                 backend=backend)))
         if sparse.scorer == "indexer":
             parts["ki"] = indexer_keys(head_keys(qkv.k_pre, retrieval, gs), layer_indexer["wk"])
     if local:
         groups = tuple(sorted({h // gs for h in local}))
         at = head_kv_layout(local, gs, groups)
-        kl, vl = (_take(_take(x, np.asarray(groups, np.int32)), at) for x in (qkv.k, qkv.v))
-        pieces.append((local, local_prefill(_take(qkv.q, np.asarray(local, np.int32)), kl, vl,
+        group_index = np.asarray(groups, np.int32)
+        kl, vl = (take_heads(take_heads(x, group_index), at) for x in (qkv.k, qkv.v))
+        pieces.append((local, local_prefill(take_heads(qkv.q, np.asarray(local, np.int32)), kl, vl,
                                             lengths, sparse, backend)))
     if window and ring is not None:
         for name, x in (("kw", qkv.k), ("vw", qkv.v)):
-            parts[name] = ring_from_prefill(_take(x, np.asarray(window, np.int32)), lengths,
+            parts[name] = ring_from_prefill(take_heads(x, np.asarray(window, np.int32)), lengths,
                                             sparse, ring)
     return _merge(pieces, config.num_heads), parts, _prefill_stats(lengths, sparse, layer)
 
@@ -171,8 +166,8 @@ def retrieval_decode(qkv: QKV, cache: dict[str, jax.Array], new_lengths: jax.Arr
     heads = np.asarray(retrieval, np.int32)
     per_head = np.asarray([full.index(h // gs) for h in retrieval], np.int32)
     # The indexer reads pre-RoPE queries; the oracle ranks by each head's true attention.
-    q_score = _take(qkv.q_pre if sparse.scorer == "indexer" else qkv.q, heads)
-    k_score = None if sparse.scorer == "indexer" else _take(cache["k"], per_head)
+    q_score = take_heads(qkv.q_pre if sparse.scorer == "indexer" else qkv.q, heads)
+    k_score = None if sparse.scorer == "indexer" else take_heads(cache["k"], per_head)
     # Per retrieval head, its own top-p set (each head a "group" of one).
     indices, counts = select_decode(q_score, k_score, cache.get("ki"), new_lengths, sparse,
                                     layer_indexer, backend)
@@ -184,8 +179,8 @@ def retrieval_decode(qkv: QKV, cache: dict[str, jax.Array], new_lengths: jax.Arr
     at = head_kv_layout(retrieval, gs, full)
     if len(at) != len(full):  # not whole groups: one KV head (and list) per query head
         lists, sizes = lists[:, per_head], sizes[:, per_head]
-    args = (_take(qkv.q, heads)[:, 0], _take(cache["k"], at), _take(cache["v"], at), lists,
-            sizes, new_lengths)
+    args = (take_heads(qkv.q, heads)[:, 0], take_heads(cache["k"], at),
+            take_heads(cache["v"], at), lists, sizes, new_lengths)
     if use_pallas(backend):
         out = sparse_decode(*args, block_k=sparse.block_k, interpret=not _on_gpu())
     else:
@@ -207,7 +202,7 @@ def local_decode(qkv: QKV, cache: dict[str, jax.Array], new_lengths: jax.Array, 
     pieces = []
     if ring_heads:
         filled = ring_filled(new_lengths, cache["kw"].shape[1])
-        pieces.append((ring_heads, dense_decode(_take(qkv.q, np.asarray(ring_heads, np.int32)),
+        pieces.append((ring_heads, dense_decode(take_heads(qkv.q, np.asarray(ring_heads, np.int32)),
                                                 cache["kw"], cache["vw"], filled,
                                                 backend=backend)))
     if mixed:
@@ -215,8 +210,8 @@ def local_decode(qkv: QKV, cache: dict[str, jax.Array], new_lengths: jax.Array, 
         at = head_kv_layout(mixed, gs, sparse.full_groups(layer))
         positions = (new_lengths - 1)[:, None]
         pieces.append((mixed, dense_attention_reference(
-            _take(qkv.q, np.asarray(mixed, np.int32)), _take(cache["k"], at),
-            _take(cache["v"], at), positions, new_lengths, sliding_window=sparse.window,
+            take_heads(qkv.q, np.asarray(mixed, np.int32)), take_heads(cache["k"], at),
+            take_heads(cache["v"], at), positions, new_lengths, sliding_window=sparse.window,
             sink_tokens=sparse.sink_tokens)))
     return pieces
 
@@ -236,13 +231,13 @@ def layer_decode(qkv: QKV, layer_cache: dict[str, jax.Array], lengths: jax.Array
     parts: dict[str, jax.Array] = {}
     if full:
         idx = np.asarray(full, np.int32)
-        parts.update(k=_take(qkv.k, idx), v=_take(qkv.v, idx))
+        parts.update(k=take_heads(qkv.k, idx), v=take_heads(qkv.v, idx))
         if "ki" in layer_cache:
             parts["ki"] = indexer_keys(head_keys(qkv.k_pre, retrieval, gs), layer_indexer["wk"])
     ring_at = None
     if window:
         idx = np.asarray(window, np.int32)
-        parts.update(kw=_take(qkv.k, idx), vw=_take(qkv.v, idx))
+        parts.update(kw=take_heads(qkv.k, idx), vw=take_heads(qkv.v, idx))
         ring_at = ring_slots(lengths, sparse, layer_cache["kw"].shape[1])
     cache = write_parts(layer_cache, parts, lengths, ring_at)
     new_lengths = lengths + 1
