@@ -222,3 +222,24 @@ def decode_attend(
         return out, {"cache": cache, "stats": stats}
 
     return attend
+
+
+def train_attend(
+    config: ModelConfig, lengths: jax.Array, sparse: SparseConfig | None = None,
+    indexer: dict[str, Any] | None = None,
+) -> AttendFn:
+    """An `attend` for training (stage 2's student, or the dense teacher), on the reference
+    path so gradients flow through it: the paper design's retrieval heads attend as decode does
+    at every position (`paper_attention.layer_train`); the indexer design and a dense model run
+    their prefill. Layer states are unused (None)."""
+
+    def attend(i: int, qkv: QKV, state: Any):
+        layer_indexer = indexer["layers"][i] if indexer is not None else {}
+        if _is_paper(sparse):
+            return paper_attention.layer_train(qkv, lengths, i, config, sparse,
+                                               layer_indexer), None
+        out, _, _ = layer_prefill(qkv.q, qkv.k, qkv.v, lengths, i, config, sparse,
+                                  layer_indexer, "reference")
+        return out, None
+
+    return attend

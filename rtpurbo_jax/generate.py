@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rtpurbo_jax.attention import decode_attend, prefill_attend
+from rtpurbo_jax.attention import decode_attend, prefill_attend, train_attend
 from rtpurbo_jax.cache import Cache, empty_cache
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.model import Params, decoder, lm_logits
@@ -59,6 +59,20 @@ def forward(
     no_cache = [None] * config.num_layers
     hidden, states = decoder(params, tokens, _positions(b, t), config, attend, no_cache)
     return lm_logits(params, hidden, config), _sum_stats(states)
+
+
+def training_hidden(
+    params: Params, tokens: jax.Array, lengths: jax.Array, config: ModelConfig,
+    sparse: SparseConfig | None = None, indexer: Indexer = None,
+) -> jax.Array:
+    """Final normed hidden states [batch, seq, embed] in training mode (`train_attend`): the
+    dense teacher (sparse None) or the sparse student of stage 2, differentiable in params.
+    Logits are left to the loss, which makes them a chunk of positions at a time."""
+    b, t = tokens.shape
+    attend = train_attend(config, lengths, sparse, indexer)
+    hidden, _ = decoder(params, tokens, _positions(b, t), config, attend,
+                        [None] * config.num_layers)
+    return hidden
 
 
 def _sum_stats(states: list[dict[str, Any]]) -> jax.Array:

@@ -30,10 +30,14 @@ from pallas_kernels.local_attention import local_attention
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_reference
 from rtpurbo_jax.cache import ring_filled, ring_from_prefill, ring_slots, write_parts
 from rtpurbo_jax.config import ModelConfig, SparseConfig
-from rtpurbo_jax.dense import dense_attention_reference
+from rtpurbo_jax.dense import dense_attention_reference, masked_softmax_attention
 from rtpurbo_jax.indexer import indexer_keys
 from rtpurbo_jax.model import QKV, query_heads, take_heads
-from rtpurbo_jax.selection import select_decode, use_pallas
+from rtpurbo_jax.selection import select_decode, select_per_token, use_pallas
+
+# Query positions per step of the training-mode retrieval attention: its memory stays
+# [batch, retrieval heads, TRAIN_Q_CHUNK, seq].
+TRAIN_Q_CHUNK = 256
 
 
 def _on_gpu() -> bool:
@@ -63,6 +67,17 @@ def local_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
     positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
     return dense_attention_reference(q, k, v, positions, lengths, sliding_window=sparse.window,
                                      sink_tokens=sparse.sink_tokens)
+
+
+def _local_heads_prefill(qkv: QKV, lengths: jax.Array, local: tuple[int, ...], group_size: int,
+                         sparse: SparseConfig, backend: str) -> jax.Array:
+    """Sinks + window prefill of the given local query heads: [b, t, len(local), d]."""
+    groups = tuple(sorted({h // group_size for h in local}))
+    at = head_kv_layout(local, group_size, groups)
+    group_index = np.asarray(groups, np.int32)
+    kl, vl = (take_heads(take_heads(x, group_index), at) for x in (qkv.k, qkv.v))
+    return local_prefill(take_heads(qkv.q, np.asarray(local, np.int32)), kl, vl, lengths,
+                         sparse, backend)
 
 
 def _merge(parts: list[tuple[tuple[int, ...], jax.Array]], num_heads: int) -> jax.Array:
@@ -114,12 +129,7 @@ def layer_prefill(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
         if sparse.scorer == "indexer":
             parts["ki"] = indexer_keys(head_keys(qkv.k_pre, retrieval, gs), layer_indexer["wk"])
     if local:
-        groups = tuple(sorted({h // gs for h in local}))
-        at = head_kv_layout(local, gs, groups)
-        group_index = np.asarray(groups, np.int32)
-        kl, vl = (take_heads(take_heads(x, group_index), at) for x in (qkv.k, qkv.v))
-        pieces.append((local, local_prefill(take_heads(qkv.q, np.asarray(local, np.int32)), kl, vl,
-                                            lengths, sparse, backend)))
+        pieces.append((local, _local_heads_prefill(qkv, lengths, local, gs, sparse, backend)))
     if window and ring is not None:
         for name, x in (("kw", qkv.k), ("vw", qkv.v)):
             parts[name] = ring_from_prefill(take_heads(x, np.asarray(window, np.int32)), lengths,
@@ -173,9 +183,7 @@ def retrieval_decode(qkv: QKV, cache: dict[str, jax.Array], new_lengths: jax.Arr
                                     layer_indexer, backend)
     num_blocks = -(-cache["k"].shape[1] // sparse.block_k)
     own = blocks_to_mask(indices[:, :, 0], counts[:, :, 0], num_blocks)  # [b, R, nk]
-    member = jnp.asarray(per_head[None, :] == np.arange(len(full))[:, None])  # [F, R]
-    union = jnp.any(own[:, None] & member[None, :, :, None], axis=2)  # [b, F, nk]
-    lists, sizes = mask_to_blocks(union)
+    lists, sizes = mask_to_blocks(group_union(own, per_head, len(full)))  # [b, F, nk]
     at = head_kv_layout(retrieval, gs, full)
     if len(at) != len(full):  # not whole groups: one KV head (and list) per query head
         lists, sizes = lists[:, per_head], sizes[:, per_head]
@@ -253,3 +261,77 @@ def layer_decode(qkv: QKV, layer_cache: dict[str, jax.Array], lengths: jax.Array
         attended += len(local) * jnp.sum(jnp.minimum(new_lengths, span)).astype(jnp.float32)
     causal = len(retrieval + local) * jnp.sum(new_lengths).astype(jnp.float32)
     return _merge(pieces, config.num_heads), cache, jnp.stack([attended, causal])
+
+
+def group_union(own: jax.Array, per_head: np.ndarray, num_groups: int) -> jax.Array:
+    """Block masks [b, R, ..., nk] of each retrieval head -> their union per full KV group
+    [b, F, ..., nk] (the set decode attends); per_head[r]: the group of head r among F."""
+    member = jnp.asarray(per_head[None, :] == np.arange(num_groups)[:, None])  # [F, R]
+    member = member.reshape(member.shape + (1,) * (own.ndim - 2))
+    return jnp.any(own[:, None] & member[None], axis=2)
+
+
+def retrieval_train(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
+                    sparse: SparseConfig, layer_indexer: dict[str, jax.Array]) -> jax.Array:
+    """The retrieval heads over a whole right-padded sequence, every position attending as
+    decode would there: its own top-p blocks by the (frozen) pre-RoPE indexer over the keys up
+    to it, unioned over its KV group's retrieval heads. What stage 2 trains the model against;
+    the reference (jnp), differentiable in q, k, v (the selection is not: stop_gradient).
+
+    Returns [b, t, len(R), d]. Memory: [b, R, TRAIN_Q_CHUNK, t] per step, each step
+    rematerialised in the backward pass.
+    """
+    if sparse.scorer != "indexer":
+        raise ValueError("training-mode retrieval attention needs the 'indexer' scorer, got "
+                         f"{sparse.scorer!r}")
+    gs = config.group_size
+    retrieval, full = sparse.retrieval_heads(layer), sparse.full_groups(layer)
+    heads = np.asarray(retrieval, np.int32)
+    per_head = np.asarray([full.index(h // gs) for h in retrieval], np.int32)
+    own_kv = np.asarray([h // gs for h in retrieval], np.int32)
+    q, k, v = take_heads(qkv.q, heads), qkv.k[:, :, own_kv], qkv.v[:, :, own_kv]
+    q_pre = jax.lax.stop_gradient(take_heads(qkv.q_pre, heads))
+    ki = jax.lax.stop_gradient(indexer_keys(head_keys(qkv.k_pre, retrieval, gs),
+                                            layer_indexer["wk"]))
+    b, t = q.shape[:2]
+    chunk = min(TRAIN_Q_CHUNK, t)
+    steps = -(-t // chunk)
+    pad = ((0, 0), (0, steps * chunk - t), (0, 0), (0, 0))
+    q_pad, q_pre_pad = jnp.pad(q, pad), jnp.pad(q_pre, pad)
+    num_blocks = -(-t // sparse.block_k)
+    key_block = jnp.arange(t) // sparse.block_k
+    scale = config.head_dim**-0.5
+
+    @jax.checkpoint
+    def one(c: jax.Array) -> jax.Array:
+        start = c * chunk
+        rows = jax.lax.dynamic_slice_in_dim(q_pad, start, chunk, axis=1)
+        rows_pre = jax.lax.dynamic_slice_in_dim(q_pre_pad, start, chunk, axis=1)
+        indices, counts = select_per_token(rows_pre, ki, jnp.full((b,), start), lengths, sparse,
+                                           layer_indexer)
+        own = blocks_to_mask(indices, counts, num_blocks)  # [b, R, chunk, nk]
+        blocks = group_union(own, per_head, len(full))[:, per_head]
+        pos = start + jnp.arange(chunk)
+        visible = (jnp.arange(t)[None, :] <= pos[:, None])[None, None]  # [1, 1, chunk, t]
+        visible &= (jnp.arange(t) < lengths[:, None])[:, None, None]
+        visible &= (pos[None, :] < lengths[:, None])[:, None, :, None]
+        mask = jax.lax.stop_gradient(jnp.take(blocks, key_block, axis=-1) & visible)
+        return masked_softmax_attention(rows, k, v, mask, scale)  # [b, chunk, R, d]
+
+    out = jax.lax.map(one, jnp.arange(steps))  # [steps, b, chunk, R, d]
+    return jnp.moveaxis(out, 0, 1).reshape(b, steps * chunk, *q.shape[2:])[:, :t]
+
+
+def layer_train(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
+                sparse: SparseConfig, layer_indexer: dict[str, jax.Array]) -> jax.Array:
+    """One layer as stage 2's student sees it (reference): retrieval heads decode-style at
+    every position (`retrieval_train`), local heads on sinks + window. Out like q."""
+    retrieval, local = sparse.retrieval_heads(layer), sparse.local_heads(layer)
+    pieces = []
+    if retrieval:
+        pieces.append((retrieval, retrieval_train(qkv, lengths, layer, config, sparse,
+                                                  layer_indexer)))
+    if local:
+        pieces.append((local, _local_heads_prefill(qkv, lengths, local, config.group_size,
+                                                   sparse, "reference")))
+    return _merge(pieces, config.num_heads)

@@ -94,6 +94,19 @@ def _oracle_logits_decode(q: jax.Array, k_cache: jax.Array, lengths: jax.Array,
     return jnp.log(probs.reshape(b, g, 1, nk, sparse.block_k).sum(-1))
 
 
+def select_per_token(q: jax.Array, ki: jax.Array, q_start: jax.Array, lengths: jax.Array,
+                     sparse: SparseConfig, layer_indexer: dict[str, jax.Array]) -> Selection:
+    """Each query row selecting for itself, as decode does at its position (the reference).
+
+    q: [b, rows, groups * group_size, d] at positions q_start[b] + row; ki: [b, kv_len, groups,
+    rank]. Returns lists with one "query block" per row: ([b, g, rows, max_sel], [b, g, rows]).
+    """
+    per_token = sparse.replace(block_q=1)
+    logits, last = _indexer_logits(q, ki, q_start, lengths, per_token, layer_indexer,
+                                   "reference")
+    return _select_from_logits(logits, last, per_token, "reference")
+
+
 def select_prefill(
     q: jax.Array,
     k: jax.Array,

@@ -274,3 +274,83 @@ def test_qkv_carries_pre_rope_projections(model):
     assert isinstance(qkv, QKV)
     np.testing.assert_allclose(np.asarray(apply_rope(qkv.q_pre, cos, sin)), np.asarray(qkv.q))
     np.testing.assert_allclose(np.asarray(apply_rope(qkv.k_pre, cos, sin)), np.asarray(qkv.k))
+
+
+def _random_qkv(seed: int, b: int, t: int) -> QKV:
+    rng = np.random.default_rng(seed)
+    h, kv, d = TINY.num_heads, TINY.num_kv_heads, TINY.head_dim
+    shapes = ((b, t, h, d), (b, t, kv, d), (b, t, kv, d), (b, t, h, d), (b, t, kv, d))
+    return QKV(*(jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes))
+
+
+@pytest.mark.parametrize("mask", [KV_ROUTED, HEAD_ROUTED])
+def test_training_mode_attends_as_decode_does_at_every_position(mask, monkeypatch):
+    """Stage 2's student: position t of the training-mode retrieval attention equals the decode
+    step at t over a cache holding positions 0..t (own top-p sets, unioned per KV group)."""
+    from rtpurbo_jax import paper_attention
+    from rtpurbo_jax.indexer import indexer_keys
+
+    monkeypatch.setattr(paper_attention, "TRAIN_Q_CHUNK", 16)  # several chunks, a ragged one
+    sparse = _paper(mask, top_p=0.6)
+    indexer = _indexer(sparse, seed=2)
+    layer, t = 0, 75
+    lengths = jnp.asarray([75, 41])
+    qkv = _random_qkv(9, 2, t)
+    out = paper_attention.retrieval_train(qkv, lengths, layer, TINY, sparse,
+                                          indexer["layers"][layer])
+    full = np.asarray(sparse.full_groups(layer), np.int32)
+    heads = sparse.retrieval_heads(layer)
+    cache = {"k": qkv.k[:, :, full], "v": qkv.v[:, :, full],
+             "ki": indexer_keys(paper_attention.head_keys(qkv.k_pre, heads, TINY.group_size),
+                                indexer["layers"][layer]["wk"])}
+    for pos in (0, 15, 16, 40, 63, 74):
+        step = QKV(*(x[:, pos:pos + 1] for x in qkv))
+        new_lengths = jnp.minimum(jnp.asarray([pos + 1] * 2), lengths)
+        want, _ = paper_attention.retrieval_decode(step, cache, new_lengths, layer, TINY,
+                                                   sparse, indexer["layers"][layer],
+                                                   "reference")
+        for row in range(2):
+            if pos < int(lengths[row]):
+                np.testing.assert_allclose(np.asarray(out[row, pos]),
+                                           np.asarray(want[row, 0]), atol=2e-5)
+
+
+def test_training_mode_every_head_retrieval_at_p_one_is_dense(model):
+    tokens, lengths = right_pad(ROWS)
+    tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+    sparse = _paper(ALL_RETRIEVAL, top_p=1.0)
+    student = gen.training_hidden(model.params, tokens, lengths, TINY, sparse, _indexer(sparse))
+    teacher = gen.training_hidden(model.params, tokens, lengths, TINY)
+    for row, n in enumerate(np.asarray(lengths)):
+        np.testing.assert_allclose(np.asarray(student[row, :n]), np.asarray(teacher[row, :n]),
+                                   atol=2e-5)
+
+
+def test_training_mode_of_the_indexer_design_is_its_prefill(model):
+    from rtpurbo_jax.model import lm_logits
+
+    sparse = SparseConfig(((True, False), (False, False)), rank=4, block_q=16, block_k=16,
+                          top_p=0.7)
+    indexer = _indexer(sparse)
+    tokens, lengths = (jnp.asarray(x) for x in right_pad(ROWS))
+    hidden = gen.training_hidden(model.params, tokens, lengths, TINY, sparse, indexer)
+    logits, _ = gen.forward(model.params, tokens, lengths, TINY, "reference", sparse, indexer)
+    assert _err(logits, lm_logits(model.params, hidden, TINY)) <= TOL
+
+
+def test_training_mode_gradients_reach_the_weights(model):
+    sparse = _paper(HEAD_ROUTED, top_p=0.7)
+    indexer = _indexer(sparse)
+    tokens, lengths = (jnp.asarray(x) for x in right_pad(ROWS))
+
+    def loss(params):
+        return jnp.sum(gen.training_hidden(params, tokens, lengths, TINY, sparse, indexer) ** 2)
+
+    grads = jax.grad(loss)(model.params)
+    for layer in grads["layers"]:
+        for name in ("wq", "wk", "wv"):
+            g = np.asarray(layer[name])
+            assert np.isfinite(g).all() and np.abs(g).max() > 0, name
+    with pytest.raises(ValueError, match="'indexer' scorer"):
+        gen.training_hidden(model.params, tokens, lengths, TINY, sparse.replace(scorer="oracle"),
+                            indexer)
