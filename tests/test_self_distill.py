@@ -1,0 +1,198 @@
+"""The chunked stage-2 self-distillation loss equals its naive full-[batch, seq, vocab] form, in
+value and gradient; padding is ignored; the teacher gets no gradient; top_k = vocab is "full"."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rtpurbo_jax import self_distill
+from rtpurbo_jax.model import init_params, lm_logits
+from rtpurbo_jax.self_distill import LOSSES, distillation_loss
+from tests.tiny import TINY
+
+B, T = 3, 37  # T is not a multiple of any chunk tried below
+LENGTHS = jnp.array([37, 20, 1], jnp.int32)
+# Hidden states scaled so that logits (weights of stddev 0.02) are far from uniform.
+HIDDEN_SCALE = 10.0
+# Small chunks so that several (and a ragged last one) are used at T = 37.
+CHUNKS = (5, 16, 64)
+# Large finite garbage, and inf (which must not turn the gradient into NaN either).
+PADDING_GARBAGE = (1e4, np.inf)
+RTOL, ATOL = 2e-5, 1e-6
+
+
+def _setup(seed: int = 0, config=TINY):
+    k_params, k_teacher, k_student = jax.random.split(jax.random.key(seed), 3)
+    params = init_params(config, k_params)
+    shape = (B, T, config.hidden_size)
+    teacher = HIDDEN_SCALE * jax.random.normal(k_teacher, shape)
+    student = teacher + 0.5 * HIDDEN_SCALE * jax.random.normal(k_student, shape)
+    return params, teacher, student
+
+
+def _naive(params, teacher_hidden, student_hidden, lengths, config, loss, top_k):
+    """Full [b, t, vocab] logits at once; the same KL definitions."""
+    teacher = jax.lax.stop_gradient(lm_logits(params, teacher_hidden, config))
+    student = lm_logits(params, student_hidden, config)
+    if loss == "top_k":
+        teacher, ids = jax.lax.top_k(teacher, top_k)
+        student = jnp.take_along_axis(student, ids, axis=-1)
+    p = jax.nn.softmax(teacher, axis=-1)
+    kl = jnp.sum(p * (jax.nn.log_softmax(teacher, -1) - jax.nn.log_softmax(student, -1)), -1)
+    valid = jnp.arange(teacher_hidden.shape[1])[None, :] < lengths[:, None]
+    return jnp.sum(jnp.where(valid, kl, 0.0)) / valid.sum()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_equals_naive_value_and_gradients(monkeypatch, loss, chunk, tied):
+    monkeypatch.setattr(self_distill, "DISTILL_CHUNK", chunk)
+    config = dataclasses.replace(TINY, tie_word_embeddings=tied)
+    params, teacher, student = _setup(config=config)
+    top_k = self_distill.DEFAULT_TOP_K
+
+    def chunked(p, th, sh):
+        return distillation_loss(p, th, sh, LENGTHS, config, loss=loss, top_k=top_k)
+
+    def naive(p, th, sh):
+        return _naive(p, th, sh, LENGTHS, config, loss, top_k)
+
+    value, grads = jax.value_and_grad(chunked, argnums=(0, 1, 2))(params, teacher, student)
+    ref_value, ref_grads = jax.value_and_grad(naive, argnums=(0, 1, 2))(params, teacher, student)
+    assert value.dtype == jnp.float32 and value.shape == ()
+    np.testing.assert_allclose(value, ref_value, rtol=RTOL, atol=ATOL)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    # The teacher side is stop_gradient'ed: exactly zero, not merely small.
+    assert not np.any(np.asarray(grads[1]))
+    assert np.any(np.asarray(grads[2]))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_zero_for_identical_positive_otherwise(loss):
+    params, teacher, student = _setup(1)
+    same = distillation_loss(params, teacher, teacher, LENGTHS, TINY, loss=loss)
+    assert float(same) == pytest.approx(0.0, abs=1e-7)
+    assert float(distillation_loss(params, teacher, student, LENGTHS, TINY, loss=loss)) > 1e-3
+
+
+@pytest.mark.parametrize("garbage", PADDING_GARBAGE)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_padding_is_ignored(monkeypatch, loss, garbage):
+    monkeypatch.setattr(self_distill, "DISTILL_CHUNK", 16)
+    params, teacher, student = _setup(2)
+    padded = (jnp.arange(T)[None, :] >= LENGTHS[:, None])[:, :, None]
+    noise = garbage * jax.random.normal(jax.random.key(3), teacher.shape)
+    garbage_t = jnp.where(padded, noise, teacher)
+    garbage_s = jnp.where(padded, -noise, student)
+
+    def f(th, sh):
+        return distillation_loss(params, th, sh, LENGTHS, TINY, loss=loss)
+
+    clean, (_, clean_grad) = jax.value_and_grad(f, argnums=(0, 1))(teacher, student)
+    dirty, (_, dirty_grad) = jax.value_and_grad(f, argnums=(0, 1))(garbage_t, garbage_s)
+    assert float(clean) == float(dirty)
+    np.testing.assert_array_equal(clean_grad, dirty_grad)
+    assert not np.any(np.asarray(dirty_grad)[np.asarray(padded[..., 0])])
+
+
+def test_top_k_of_whole_vocab_is_full():
+    params, teacher, student = _setup(4)
+    full = distillation_loss(params, teacher, student, LENGTHS, TINY, loss="full")
+    whole = distillation_loss(params, teacher, student, LENGTHS, TINY, loss="top_k",
+                              top_k=TINY.vocab_size)
+    np.testing.assert_allclose(whole, full, rtol=RTOL, atol=ATOL)
+
+
+def test_bad_arguments():
+    params, teacher, student = _setup()
+    cases = [
+        (dict(loss="reverse"), "loss must be one of"),
+        (dict(top_k=0), "top_k must be in"),
+        (dict(top_k=TINY.vocab_size + 1), "top_k must be in"),
+        (dict(student_hidden=student[:, :-1]), "must have the same shape"),
+        (dict(teacher_hidden=teacher[..., :-1], student_hidden=student[..., :-1]),
+         "hidden states must be"),
+        (dict(teacher_hidden=teacher[0], student_hidden=student[0]), "hidden states must be"),
+        (dict(lengths=LENGTHS[:-1]), "lengths must be"),
+    ]
+    for overrides, message in cases:
+        kwargs = dict(teacher_hidden=teacher, student_hidden=student, lengths=LENGTHS)
+        options = {k: overrides.pop(k) for k in ("loss", "top_k") if k in overrides}
+        kwargs.update(overrides)
+        with pytest.raises(ValueError, match=message):
+            distillation_loss(params, config=TINY, **kwargs, **options)
+    # top_k is unused (and unchecked) by the full loss.
+    distillation_loss(params, teacher, student, LENGTHS, TINY, loss="full", top_k=0)
+
+
+def test_teacher_logits_come_from_the_teacher_weights():
+    """Once the student's weights (its LM head included) move, the teacher's distribution must
+    still be the frozen original's: a student equal to the teacher in hidden states but with
+    another head has a positive loss, and passing the original head as teacher_params counts."""
+    import jax
+    import jax.numpy as jnp
+
+    from rtpurbo_jax.model import init_params
+    from rtpurbo_jax.self_distill import distillation_loss
+    from tests.tiny import TINY
+
+    teacher = init_params(TINY, jax.random.key(0))
+    student = jax.tree.map(lambda x: x * 1.5, teacher)
+    hidden = jax.random.normal(jax.random.key(1), (2, 9, TINY.hidden_size))
+    lengths = jnp.asarray([9, 4])
+    same = distillation_loss(student, hidden, hidden, lengths, TINY)
+    apart = distillation_loss(student, hidden, hidden, lengths, TINY, teacher_params=teacher)
+    assert float(same) == 0.0 and float(apart) > 1e-4
+
+
+def test_stage2_steps_bring_the_sparse_student_towards_the_dense_teacher():
+    """The whole stage-2 loss on the tiny model in the paper design: zero when nothing is
+    sparse, positive when it is, and a few Adam steps on a repeated batch lower it."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from rtpurbo_jax.config import SparseConfig
+    from rtpurbo_jax.indexer import init_indexer
+    from rtpurbo_jax.self_distill import stage2_loss
+    from tests.tiny import TINY, tiny_model
+
+    teacher = tiny_model().params
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(2, TINY.vocab_size, (2, 96)), jnp.int32)
+    lengths = jnp.asarray([96, 70])
+
+    def paper(mask, **kw):
+        return SparseConfig(mask, design="paper", group_size=TINY.group_size, rank=4,
+                            block_q=16, block_k=16, sink_tokens=4, window=16, local_blocks=1,
+                            **kw)
+
+    queries = [rng.normal(size=(64, TINY.num_heads, TINY.head_dim)) for _ in range(2)]
+    dense = paper(((True,) * 4, (True,) * 4), top_p=1.0)
+    assert float(stage2_loss(teacher, teacher, tokens, lengths, TINY, dense,
+                             init_indexer(queries, TINY, dense))) < 1e-6
+    sparse = paper(((True, True, False, False), (False,) * 4), top_p=0.5)
+    indexer = init_indexer(queries, TINY, sparse)
+    optimizer = optax.adam(3e-3)
+
+    @jax.jit
+    def step(params, state):
+        value, grads = jax.value_and_grad(stage2_loss)(params, teacher, tokens, lengths, TINY,
+                                                       sparse, indexer)
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    params, state = teacher, optimizer.init(teacher)
+    losses = []
+    for _ in range(8):
+        params, state, value = step(params, state)
+        losses.append(float(value))
+    assert losses[0] > 1e-3 and losses[-1] < 0.7 * losses[0], losses
