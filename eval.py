@@ -64,5 +64,12 @@ def main(argv: list[str]) -> None:
         print(f"{name}: {path}")
 
 
+def _main(argv: list[str]) -> None:
+    from rtpurbo_jax.cli import one_line_errors
+
+    with one_line_errors(os.path.basename(__file__)):
+        main(argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(_main)

@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
 
-    model = load(args.source, sparse=args.sparse, dtype=jnp.dtype(args.dtype))
+    try:
+        model = load(args.source, sparse=args.sparse, dtype=jnp.dtype(args.dtype))
+    except (OSError, ValueError) as err:  # bad paths, checkpoints and configs: one line
+        parser.error(str(err))
     tok = model.tokenizer
     if tok is None:
         parser.error(f"{args.source} ships no tokenizer; use the Python API with token ids")

@@ -296,3 +296,17 @@ def test_runs_over_disjoint_lengths_merge():
     other["settings"]["seed"] = 2
     with pytest.raises(ValueError, match="settings"):
         ev_lib.merge_results([run([2], "a"), other])
+
+
+@pytest.mark.parametrize("program,args,message", [
+    ("eval.py", ["--config.eval.sparse=/nonexistent/sparse"], "no sparse checkpoint"),
+    ("train.py", ["--config.schedule=bogus"], "schedule must be auto, full or cpu"),
+])
+def test_programs_report_bad_input_in_one_line(program, args, message):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    env.pop("RTPURBO_TRACEBACK", None)
+    result = subprocess.run([sys.executable, str(REPO / program), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith(program)]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
