@@ -25,6 +25,7 @@ from rtpurbo_jax.api import SparseModel
 from rtpurbo_jax.config import SparseConfig
 from rtpurbo_jax.data import corpus_tokens
 from rtpurbo_jax.heads import (
+    UNION_GRANULARITY,
     choose_query_heads,
     choose_retrieval_heads,
     group_scores,
@@ -51,7 +52,7 @@ RULES = ("threshold", "fraction", "count")
 METHODS = ("needle", "tasks")
 # heads.granularity "both": indexers for the union of the query-head and the KV-group choices,
 # so tune.py can compare the two routings at equal query-head fractions from one training run.
-BOTH = "both"
+BOTH = UNION_GRANULARITY
 # Separates the needle documents' random stream from the other calibration streams.
 NEEDLE_STREAM = 11
 
@@ -201,9 +202,7 @@ def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path,
         if design == "paper":
             mask = paper_mask(scores, config.group_size, heads.granularity, rule)
             save_needle_profile(run_dir / "heads", scores, mask, config.name, info,
-                                config.group_size,
-                                granularity="query" if heads.granularity == BOTH else
-                                heads.granularity)
+                                config.group_size, granularity=heads.granularity)
         else:  # one score per KV head: its query heads' mean
             per_group = group_scores(scores, config.group_size)
             mask = choose_query_heads(per_group, 1, granularity="query", **rule)

@@ -59,6 +59,8 @@ MIN_NEEDLE_GAP_TOKENS = FAR_LOCAL_TOKENS
 DEFAULT_RETRIEVAL_FRACTION = 0.15
 # "query": rank query heads (the paper); "kv": rank whole KV groups (what the sparse model keeps).
 GRANULARITIES = ("query", "kv")
+# A mask that is the union of both granularities' choices (indexers trained for either).
+UNION_GRANULARITY = "both"
 # Added before rounding half up, so that a product such as 0.29 * 50 = 14.499999999999998 that
 # is a half in exact arithmetic rounds up as it should.
 ROUNDING_SLACK = 1e-9
@@ -522,8 +524,9 @@ def save_needle_profile(
     PNGs: the score heatmap (layers x query heads, retrieval heads outlined in red, lines between
     KV groups) and a bar chart of retrieval heads per layer.
     """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity not in (*GRANULARITIES, UNION_GRANULARITY):
+        raise ValueError(f"granularity must be one of {GRANULARITIES} or "
+                         f"{UNION_GRANULARITY!r}, got {granularity!r}")
     scores = np.asarray(scores, np.float64)
     _check_grid(scores.shape, group_size)
     grid = np.asarray(mask, bool)
