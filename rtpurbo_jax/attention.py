@@ -24,8 +24,14 @@ from rtpurbo_jax.cache import layer_groups, write_parts
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.dense import cudnn_supported, dense_attention_cudnn, dense_attention_reference
 from rtpurbo_jax.indexer import indexer_keys
-from rtpurbo_jax.model import QKV, AttendFn, query_heads, take_heads
-from rtpurbo_jax.selection import select_decode, select_prefill, selection_stats, use_pallas
+from rtpurbo_jax.model import QKV, AttendFn, merge_heads, query_heads, take_heads
+from rtpurbo_jax.selection import (
+    on_gpu,
+    select_decode,
+    select_prefill,
+    selection_stats,
+    use_pallas,
+)
 
 BACKENDS = ("reference", "pallas", "auto")
 
@@ -33,10 +39,6 @@ BACKENDS = ("reference", "pallas", "auto")
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def _on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
 
 
 def _use_cudnn(q: jax.Array, backend: str) -> bool:
@@ -75,15 +77,6 @@ def dense_decode(
                                      sliding_window=sliding_window)
 
 
-def _merge_heads(parts: list[tuple[np.ndarray, jax.Array]], num_heads: int) -> jax.Array:
-    """Reassembles [b, t, heads_i, d] pieces whose head indices are given into head order."""
-    if len(parts) == 1:
-        return parts[0][1]
-    index = np.concatenate([i for i, _ in parts])
-    out = jnp.concatenate([x for _, x in parts], axis=2)
-    return out[:, :, np.argsort(index)]
-
-
 def _zero_stats() -> jax.Array:
     return jnp.zeros((2,), jnp.float32)
 
@@ -114,7 +107,7 @@ def layer_prefill(
         indices, counts = select_prefill(qs, ks, ki, lengths, sparse, layer_indexer, backend)
         kwargs = dict(block_q=sparse.block_q, block_k=sparse.block_k, lengths=lengths)
         if use_pallas(backend):
-            out = sparse_attention(qs, ks, vs, indices, counts, interpret=not _on_gpu(), **kwargs)
+            out = sparse_attention(qs, ks, vs, indices, counts, interpret=not on_gpu(), **kwargs)
         else:
             out = sparse_attention_reference(qs, ks, vs, indices, counts, **kwargs)
         pieces.append((heads, out))
@@ -122,7 +115,7 @@ def layer_prefill(
         if ki is not None:
             cache_parts["ki"] = ki
         stats = selection_stats(counts, jnp.zeros_like(lengths), lengths, q.shape[1], sparse)
-    return _merge_heads(pieces, config.num_heads), cache_parts, stats
+    return merge_heads(pieces, config.num_heads), cache_parts, stats
 
 
 def layer_decode(
@@ -162,12 +155,12 @@ def layer_decode(
         args = (qs[:, 0], cache["ks"], cache["vs"], indices[:, :, 0], counts[:, :, 0],
                 new_lengths)
         if use_pallas(backend):
-            out = sparse_decode(*args, block_k=sparse.block_k, interpret=not _on_gpu())
+            out = sparse_decode(*args, block_k=sparse.block_k, interpret=not on_gpu())
         else:
             out = sparse_decode_reference(*args, block_k=sparse.block_k)
         pieces.append((heads, out[:, None]))
         stats = selection_stats(counts, lengths, new_lengths, 1, sparse)
-    return _merge_heads(pieces, config.num_heads), cache, stats
+    return merge_heads(pieces, config.num_heads), cache, stats
 
 
 def _is_paper(sparse: SparseConfig | None) -> bool:

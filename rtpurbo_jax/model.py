@@ -66,6 +66,18 @@ def take_heads(x: jax.Array, index: np.ndarray) -> jax.Array:
     return x[:, :, index]
 
 
+def head_keys(k: jax.Array, heads: tuple[int, ...], group_size: int) -> jax.Array:
+    """k: [b, t, kv_heads, d] -> [b, t, len(heads), d]: each query head's own KV head."""
+    return k[:, :, np.asarray([h // group_size for h in heads], np.int32)]
+
+
+def merge_heads(parts: list[tuple[Any, jax.Array]], num_heads: int) -> jax.Array:
+    """Reassembles [b, t, n_i, d] pieces, given the query heads of each, into head order."""
+    index = np.concatenate([np.asarray(h, np.int32) for h, _ in parts])
+    out = jnp.concatenate([x for _, x in parts], axis=2) if len(parts) > 1 else parts[0][1]
+    return out if (index == np.arange(num_heads)).all() else out[:, :, np.argsort(index)]
+
+
 def layer_param_axes(config: ModelConfig) -> dict[str, tuple[str, ...]]:
     """Logical axis names of one layer's parameters (for sharding rules)."""
     axes = {

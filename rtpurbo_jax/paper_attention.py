@@ -32,16 +32,12 @@ from rtpurbo_jax.cache import ring_filled, ring_from_prefill, ring_slots, write_
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.dense import dense_attention_reference, masked_softmax_attention
 from rtpurbo_jax.indexer import indexer_keys
-from rtpurbo_jax.model import QKV, query_heads, take_heads
-from rtpurbo_jax.selection import select_decode, select_per_token, use_pallas
+from rtpurbo_jax.model import QKV, head_keys, merge_heads, query_heads, take_heads
+from rtpurbo_jax.selection import on_gpu, select_decode, select_per_token, use_pallas
 
 # Query positions per step of the training-mode retrieval attention: its memory stays
 # [batch, retrieval heads, TRAIN_Q_CHUNK, seq].
 TRAIN_Q_CHUNK = 256
-
-
-def _on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
 
 
 def head_kv_layout(heads: tuple[int, ...], group_size: int, groups: tuple[int, ...]
@@ -63,7 +59,7 @@ def local_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
     if use_pallas(backend):
         return local_attention(q, k, v, lengths, sink_tokens=sparse.sink_tokens,
                                window=sparse.window, block_q=sparse.block_q,
-                               block_k=sparse.block_k, interpret=not _on_gpu())
+                               block_k=sparse.block_k, interpret=not on_gpu())
     positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
     return dense_attention_reference(q, k, v, positions, lengths, sliding_window=sparse.window,
                                      sink_tokens=sparse.sink_tokens)
@@ -80,13 +76,6 @@ def _local_heads_prefill(qkv: QKV, lengths: jax.Array, local: tuple[int, ...], g
                          sparse, backend)
 
 
-def _merge(parts: list[tuple[tuple[int, ...], jax.Array]], num_heads: int) -> jax.Array:
-    """Reassembles [b, t, n_i, d] pieces of the given query heads into head order."""
-    index = np.concatenate([np.asarray(h, np.int32) for h, _ in parts])
-    out = jnp.concatenate([x for _, x in parts], axis=2)
-    return out if (index == np.arange(num_heads)).all() else out[:, :, np.argsort(index)]
-
-
 def _prefill_stats(lengths: jax.Array, sparse: SparseConfig, layer: int) -> jax.Array:
     """[attended, causal] keys of a prefill from position 0, over rows and query heads."""
     n = lengths.astype(jnp.float32)
@@ -96,12 +85,6 @@ def _prefill_stats(lengths: jax.Array, sparse: SparseConfig, layer: int) -> jax.
     local = jnp.where(n <= span, causal, span * (span + 1) / 2 + (n - span) * span)
     r, heads = len(sparse.retrieval_heads(layer)), len(sparse.retrieval_mask[layer])
     return jnp.stack([jnp.sum(r * causal + (heads - r) * local), jnp.sum(heads * causal)])
-
-
-def head_keys(k: jax.Array, heads: tuple[int, ...], group_size: int) -> jax.Array:
-    """k: [b, t, kv_heads, d] -> [b, t, len(heads), d], each query head's own KV head (the
-    input of its per-head indexer key projection)."""
-    return k[:, :, np.asarray([h // group_size for h in heads], np.int32)]
 
 
 def layer_prefill(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
@@ -134,7 +117,7 @@ def layer_prefill(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
         for name, x in (("kw", qkv.k), ("vw", qkv.v)):
             parts[name] = ring_from_prefill(take_heads(x, np.asarray(window, np.int32)), lengths,
                                             sparse, ring)
-    return _merge(pieces, config.num_heads), parts, _prefill_stats(lengths, sparse, layer)
+    return merge_heads(pieces, config.num_heads), parts, _prefill_stats(lengths, sparse, layer)
 
 
 def blocks_to_mask(indices: jax.Array, counts: jax.Array, num_blocks: int) -> jax.Array:
@@ -190,7 +173,7 @@ def retrieval_decode(qkv: QKV, cache: dict[str, jax.Array], new_lengths: jax.Arr
     args = (take_heads(qkv.q, heads)[:, 0], take_heads(cache["k"], at),
             take_heads(cache["v"], at), lists, sizes, new_lengths)
     if use_pallas(backend):
-        out = sparse_decode(*args, block_k=sparse.block_k, interpret=not _on_gpu())
+        out = sparse_decode(*args, block_k=sparse.block_k, interpret=not on_gpu())
     else:
         out = sparse_decode_reference(*args, block_k=sparse.block_k)
     attended = _listed_keys(lists, sizes, new_lengths, sparse.block_k)
@@ -260,7 +243,7 @@ def layer_decode(qkv: QKV, layer_cache: dict[str, jax.Array], lengths: jax.Array
         span = sparse.sink_tokens + sparse.window
         attended += len(local) * jnp.sum(jnp.minimum(new_lengths, span)).astype(jnp.float32)
     causal = len(retrieval + local) * jnp.sum(new_lengths).astype(jnp.float32)
-    return _merge(pieces, config.num_heads), cache, jnp.stack([attended, causal])
+    return merge_heads(pieces, config.num_heads), cache, jnp.stack([attended, causal])
 
 
 def group_union(own: jax.Array, per_head: np.ndarray, num_groups: int) -> jax.Array:
@@ -288,8 +271,8 @@ def retrieval_train(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfi
     retrieval, full = sparse.retrieval_heads(layer), sparse.full_groups(layer)
     heads = np.asarray(retrieval, np.int32)
     per_head = np.asarray([full.index(h // gs) for h in retrieval], np.int32)
-    own_kv = np.asarray([h // gs for h in retrieval], np.int32)
-    q, k, v = take_heads(qkv.q, heads), qkv.k[:, :, own_kv], qkv.v[:, :, own_kv]
+    q = take_heads(qkv.q, heads)
+    k, v = head_keys(qkv.k, retrieval, gs), head_keys(qkv.v, retrieval, gs)
     q_pre = jax.lax.stop_gradient(take_heads(qkv.q_pre, heads))
     ki = jax.lax.stop_gradient(indexer_keys(head_keys(qkv.k_pre, retrieval, gs),
                                             layer_indexer["wk"]))
@@ -334,4 +317,4 @@ def layer_train(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
     if local:
         pieces.append((local, _local_heads_prefill(qkv, lengths, local, config.group_size,
                                                    sparse, "reference")))
-    return _merge(pieces, config.num_heads)
+    return merge_heads(pieces, config.num_heads)

@@ -43,10 +43,10 @@ from rtpurbo_jax.api import SparseModel
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.convert import CALIBRATION_STREAM, initial_indexer, read_mask
 from rtpurbo_jax.heads import kv_retrieval_mask
-from rtpurbo_jax.indexer import indexer_keys, indexer_queries, layer_distillation_loss
-from rtpurbo_jax.paper_attention import head_keys
+from rtpurbo_jax.indexer import indexer_keys, indexer_queries
+from rtpurbo_jax.model import head_keys
 from rtpurbo_jax.teacher import attention_probs, collect_qk, top_p_mask
-from rtpurbo_jax.training import layer_loss_inputs, make_optimizer
+from rtpurbo_jax.training import layer_loss_inputs, make_optimizer, states_distillation_loss
 
 # Variant kinds: the paper's per-head pre-RoPE indexer, our per-group post-RoPE one.
 KINDS = ("paper", "group")
@@ -124,21 +124,6 @@ def variant_kind(sparse: SparseConfig) -> str:
 # ---------------------------------------------------------------------------- training
 
 
-def variant_loss(indexer: dict[str, Any], states: Sequence[Any], lengths: jax.Array, *,
-                 config: ModelConfig, sparse: SparseConfig, level: str, teacher_top_p: float
-                 ) -> jax.Array:
-    """`training.model_distillation_loss` on given per-layer projections: the mean over layers
-    with indexed heads of each layer's distillation loss. states: one `model.QKV` per layer
-    (from `collect_qk`), so several variants can share one frozen forward."""
-    losses = [layer_distillation_loss(indexer["layers"][layer], lengths=lengths, sparse=sparse,
-                                      level=level, teacher_top_p=teacher_top_p,
-                                      **layer_loss_inputs(qkv, layer, config, sparse))
-              for layer, qkv in enumerate(states) if sparse.indexed_heads(layer)]
-    if not losses:
-        raise ValueError("the variant has no indexed head: nothing to train")
-    return jnp.mean(jnp.stack(losses))
-
-
 def joint_loss(indexers: dict[str, Any], params: Any, tokens: jax.Array, lengths: jax.Array,
                *, config: ModelConfig, sparses: dict[str, SparseConfig], level: str,
                teacher_top_p: float, backend: str) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -148,8 +133,9 @@ def joint_loss(indexers: dict[str, Any], params: Any, tokens: jax.Array, lengths
     so the gradient of the sum with respect to a variant is the gradient of its own loss.
     """
     states = collect_qk(jax.lax.stop_gradient(params), tokens, lengths, config, backend)
-    losses = {name: variant_loss(indexers[name], states, lengths, config=config, sparse=sparse,
-                                 level=level, teacher_top_p=teacher_top_p)
+    losses = {name: states_distillation_loss(indexers[name], states, lengths, config=config,
+                                             sparse=sparse, level=level,
+                                             teacher_top_p=teacher_top_p)
               for name, sparse in sparses.items()}
     return sum(losses.values()), losses
 

@@ -43,13 +43,18 @@ def rule_kwargs(sparse: SparseConfig) -> dict[str, Any]:
                 top_k=sparse.top_k_blocks if sparse.selection == "top_k" else None)
 
 
+def on_gpu() -> bool:
+    """Whether JAX runs on a GPU (elsewhere the Pallas kernels are interpreted)."""
+    return jax.default_backend() == "gpu"
+
+
 def use_pallas(backend: str) -> bool:
     """Whether `backend` runs the Pallas kernels ("auto": on a GPU only)."""
-    return backend == "pallas" or (backend == "auto" and jax.default_backend() == "gpu")
+    return backend == "pallas" or (backend == "auto" and on_gpu())
 
 
 def _kernel_kwargs(backend: str) -> dict[str, Any]:
-    return {"interpret": jax.default_backend() != "gpu"} if use_pallas(backend) else {}
+    return {"interpret": not on_gpu()} if use_pallas(backend) else {}
 
 
 def _select_from_logits(

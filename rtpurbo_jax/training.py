@@ -17,7 +17,7 @@ import optax
 
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.indexer import layer_distillation_loss
-from rtpurbo_jax.model import Params, query_heads
+from rtpurbo_jax.model import Params, head_keys, query_heads
 from rtpurbo_jax.sharding import batch_sharding, param_shardings, replicated
 from rtpurbo_jax.teacher import collect_qk
 
@@ -30,36 +30,43 @@ def layer_loss_inputs(qkv: Any, layer: int, config: ModelConfig, sparse: SparseC
     if sparse.design == "paper":
         heads = sparse.retrieval_heads(layer)
         index = np.asarray(heads, np.int32)
-        kv = np.asarray([h // config.group_size for h in heads], np.int32)
-        return {"q": qkv.q[:, :, index], "k": qkv.k[:, :, kv],
-                "q_index": qkv.q_pre[:, :, index], "k_index": qkv.k_pre[:, :, kv]}
+        return {"q": qkv.q[:, :, index], "k": head_keys(qkv.k, heads, config.group_size),
+                "q_index": qkv.q_pre[:, :, index],
+                "k_index": head_keys(qkv.k_pre, heads, config.group_size)}
     groups = sparse.sparse_groups(layer)
     return {"q": qkv.q[:, :, query_heads(groups, config.group_size)],
             "k": qkv.k[:, :, np.asarray(groups)]}
+
+
+def states_distillation_loss(
+    indexer: dict[str, Any], states: list[Any], lengths: jax.Array, *, config: ModelConfig,
+    sparse: SparseConfig, level: str, teacher_top_p: float,
+) -> jax.Array:
+    """Mean over layers with indexed heads of each layer's distillation loss, on given frozen
+    projections (states: one `model.QKV` per layer, from `collect_qk`), so several indexers can
+    share one forward pass."""
+    losses = [layer_distillation_loss(indexer["layers"][layer], lengths=lengths, sparse=sparse,
+                                      level=level, teacher_top_p=teacher_top_p,
+                                      **layer_loss_inputs(qkv, layer, config, sparse))
+              for layer, qkv in enumerate(states) if sparse.indexed_heads(layer)]
+    if not losses:
+        raise ValueError("no head has an indexer (every KV head is a retrieval head of the "
+                         "indexer design, or no retrieval head in the paper design): nothing "
+                         "to train")
+    return jnp.mean(jnp.stack(losses))
 
 
 def model_distillation_loss(
     indexer: dict[str, Any], params: Params, tokens: jax.Array, lengths: jax.Array, *,
     config: ModelConfig, sparse: SparseConfig, level: str, teacher_top_p: float, backend: str,
 ) -> jax.Array:
-    """Mean over layers with indexed heads of each layer's distillation loss.
+    """`states_distillation_loss` over a dense forward pass of the frozen model.
 
-    tokens: [batch, seq] right-padded; lengths: [batch]. The frozen model runs densely to give
-    every layer's queries and keys (no gradient flows into it).
+    tokens: [batch, seq] right-padded; lengths: [batch]. No gradient flows into the model.
     """
     states = collect_qk(jax.lax.stop_gradient(params), tokens, lengths, config, backend)
-    losses = []
-    for layer, qkv in enumerate(states):
-        if not sparse.indexed_heads(layer):
-            continue
-        losses.append(layer_distillation_loss(
-            indexer["layers"][layer], lengths=lengths, sparse=sparse, level=level,
-            teacher_top_p=teacher_top_p, **layer_loss_inputs(qkv, layer, config, sparse)))
-    if not losses:
-        raise ValueError("no head has an indexer (every KV head is a retrieval head of the "
-                         "indexer design, or no retrieval head in the paper design): nothing "
-                         "to train")
-    return jnp.mean(jnp.stack(losses))
+    return states_distillation_loss(indexer, states, lengths, config=config, sparse=sparse,
+                                    level=level, teacher_top_p=teacher_top_p)
 
 
 def make_optimizer(train: Any) -> optax.GradientTransformation:
