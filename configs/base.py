@@ -34,7 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
         # "tasks": needle mass of retrieval-task answers, per KV head; "needle": the paper's
         # Eq. 3 on a real document with a repeated span, per query head.
         method="tasks",
-        granularity="query",  # design "paper": choose single query heads, or whole "kv" groups
+        # Design "paper": single query heads, whole "kv" groups, or "both" (indexers for either
+        # choice, so tune.py compares the two routings without retraining).
+        granularity="query",
         tasks=("passkey", "niah_multikey"), length=4096, samples=8, batch_size=4,
         needle_tokens=64, documents=1,  # method "needle": span length, documents averaged
         rule="threshold",  # "threshold" | "fraction" | "count"

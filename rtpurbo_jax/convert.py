@@ -25,7 +25,6 @@ from rtpurbo_jax.api import SparseModel
 from rtpurbo_jax.config import SparseConfig
 from rtpurbo_jax.data import corpus_tokens
 from rtpurbo_jax.heads import (
-    UNION_GRANULARITY,
     choose_query_heads,
     choose_retrieval_heads,
     group_scores,
@@ -50,9 +49,6 @@ CALIBRATION_ROWS = 16384
 CALIBRATION_STREAM = 7
 RULES = ("threshold", "fraction", "count")
 METHODS = ("needle", "tasks")
-# heads.granularity "both": indexers for the union of the query-head and the KV-group choices,
-# so tune.py can compare the two routings at equal query-head fractions from one training run.
-BOTH = UNION_GRANULARITY
 # Separates the needle documents' random stream from the other calibration streams.
 NEEDLE_STREAM = 11
 
@@ -158,16 +154,6 @@ def _rule(heads: Any) -> dict[str, float]:
             float(heads.rule_value)}
 
 
-def paper_mask(scores: np.ndarray, group_size: int, granularity: str, rule: dict[str, float]
-               ) -> tuple[tuple[bool, ...], ...]:
-    """The paper design's query-head mask by `granularity` ("query", "kv" or BOTH)."""
-    if granularity != BOTH:
-        return choose_query_heads(scores, group_size, granularity=granularity, **rule)
-    masks = [np.asarray(choose_query_heads(scores, group_size, granularity=g, **rule))
-             for g in ("query", "kv")]
-    return tuple(tuple(bool(x) for x in row) for row in masks[0] | masks[1])
-
-
 def needle_calibration(model: SparseModel, heads: Any, seed: int, tokenizer: Any
                        ) -> tuple[np.ndarray, dict[str, Any]]:
     """The paper's retrieval score of every query head: [layers, heads], and what it ran on."""
@@ -197,10 +183,10 @@ def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path,
     rule, tokenizer, config = _rule(heads), task_tokenizer(model), model.config
     if heads.method == "needle":
         scores, info = needle_calibration(model, heads, seed, tokenizer)
-        info.update(rule)
-        info.update(design=design, granularity=heads.granularity)
+        info.update(rule, design=design, granularity=heads.granularity)
         if design == "paper":
-            mask = paper_mask(scores, config.group_size, heads.granularity, rule)
+            mask = choose_query_heads(scores, config.group_size, granularity=heads.granularity,
+                                      **rule)
             save_needle_profile(run_dir / "heads", scores, mask, config.name, info,
                                 config.group_size, granularity=heads.granularity)
         else:  # one score per KV head: its query heads' mean

@@ -448,8 +448,14 @@ def choose_query_heads(
     or count keeps at least one head.
     granularity "query": the best query heads, ties broken by index. "kv": whole KV groups ranked
     by `group_scores`, as many as the target number of query heads rounded (half up) to whole
-    groups; a threshold then applies to the group mean.
+    groups; a threshold then applies to the group mean. UNION_GRANULARITY: the heads either
+    would choose (indexers for both, so both can be compared without retraining).
     """
+    if granularity == UNION_GRANULARITY:
+        rule = dict(fraction=fraction, count=count, threshold=threshold)
+        masks = [np.asarray(choose_query_heads(scores, group_size, granularity=g, **rule))
+                 for g in GRANULARITIES]
+        return tuple(tuple(bool(x) for x in row) for row in np.logical_or(*masks))
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if sum(x is not None for x in (fraction, count, threshold)) != 1:

@@ -162,11 +162,12 @@ PAPER_FRACTION = 3 / 8
 
 def _paper_model():
     """A checkpoint trained (here: initialised) for the union of both routings' choices."""
-    from rtpurbo_jax.convert import paper_mask
+    from rtpurbo_jax.heads import choose_query_heads
 
     model = load_from_config(tiny.get_config().model, backend="reference")
     arch = model.config
-    union = paper_mask(PAPER_SCORES, arch.group_size, "both", {"fraction": PAPER_FRACTION})
+    union = choose_query_heads(PAPER_SCORES, arch.group_size, granularity="both",
+                               fraction=PAPER_FRACTION)
     sparse = SparseConfig(union, design="paper", group_size=arch.group_size, rank=4,
                           block_q=16, block_k=16, window=32, local_blocks=1)
     rng = np.random.default_rng(0)
