@@ -15,6 +15,17 @@ Sections (--sections, comma separated):
 Indexer inputs are synthetic but shaped like real ones (see `planted_indexer`), so top-p picks a
 realistic, query-dependent set of blocks. Results go to OUT_DIR/layer.json (rewritten after
 every row); a short table prints last. The commit recorded is $COMMIT when set, else HEAD.
+
+Smoke run (CI: CPU, tiny sizes, every section, < 90 s on 2 cores; writes to a temp dir unless
+--out-dir is given):
+
+    PYTHONPATH=. JAX_PLATFORMS=cpu python3 benchmarks/bench_layer.py --smoke
+
+It swaps the shapes for SMOKE_* ones (4 query / 2 KV heads, head_dim 16, block 16, KV head 0
+dense and head 1 sparse, 256 tokens), times each call once (SMOKE_TIMED_RUNS), sweeps one
+launch configuration per kernel, and runs all the sections above with the Pallas kernels in
+interpret mode and the dense baselines through XLA. A failing row raises instead of being
+logged; at the end it asserts that the checks passed and that every section wrote its rows.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from unittest import mock
 
@@ -75,19 +87,33 @@ DENSE_GROUPS = (0,)  # one retrieval KV head of eight keeps full attention
 SPARSE_GROUPS = tuple(range(1, NUM_KV_HEADS))
 DENSE_HEADS = query_heads(DENSE_GROUPS, GROUP)
 SPARSE_HEADS = query_heads(SPARSE_GROUPS, GROUP)
-CONFIG = ModelConfig(family="llama", vocab_size=128256, hidden_size=4096,
-                     intermediate_size=14336, num_layers=1, num_heads=NUM_HEADS,
-                     num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, rope_theta=500000.0,
-                     max_position_embeddings=1 << 20, name="Llama-3-8B attention")
-SPARSE = SparseConfig(retrieval_mask=(tuple(g in DENSE_GROUPS for g in range(NUM_KV_HEADS)),),
-                      rank=RANK, top_p=TOP_P, block_q=BLOCK, block_k=BLOCK)
+
+
+def layer_config(num_heads: int, num_kv_heads: int, head_dim: int) -> ModelConfig:
+    return ModelConfig(family="llama", vocab_size=128256, hidden_size=4096,
+                       intermediate_size=14336, num_layers=1, num_heads=num_heads,
+                       num_kv_heads=num_kv_heads, head_dim=head_dim, rope_theta=500000.0,
+                       max_position_embeddings=1 << 20, name="Llama-3-8B attention")
+
+
+def sparse_config(num_kv_heads: int, block: int) -> SparseConfig:
+    return SparseConfig(retrieval_mask=(tuple(g in DENSE_GROUPS for g in range(num_kv_heads)),),
+                        rank=RANK, top_p=TOP_P, block_q=block, block_k=block)
+
+
+CONFIG = layer_config(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)
+SPARSE = sparse_config(NUM_KV_HEADS, BLOCK)
 BYTES_BF16 = 2
 BYTES_F32 = 4
 # Off a GPU (a dry run of this script at toy sizes) the kernels run interpreted and dense
 # attention through XLA.
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
-DENSE_IMPL = "cudnn" if ON_GPU else None
+DENSE_IMPL = "cudnn" if ON_GPU else "xla"
+DENSE_NAME = "cuDNN" if ON_GPU else "XLA"
+# The model's layer code: "auto" is cuDNN + the kernels on a GPU; off one, "pallas" keeps the
+# kernels (interpreted) where "auto" would take the jnp references.
+LAYER_BACKEND = "auto" if ON_GPU else "pallas"
 # Ceilings the floors use (as measured on H100 SXM parts of this kind, benchmarks/NOTES.md).
 PEAK_TFLOPS = 800.0
 PEAK_TBPS = 3.0
@@ -120,6 +146,65 @@ SELECT_SWEEP = [(1, 4), (2, 4), (2, 8), (4, 8), (8, 16)]
 SELECT_SWEEP_DECODE = [(1, 8), (1, 16)]
 # Selection by a full XLA sort (the reference) is timed only up to this length.
 SORT_MAX_LENGTH = 128 * 1024
+# A failed row is logged and the run goes on (--smoke: raises).
+RAISE_FAILURES = False
+
+# --smoke (see the module docstring): the shapes, timing and sweep that replace the above
+# (`use_smoke_sizes`), then the defaults of the command line options. Four query / two KV heads
+# keep one dense and one sparse group; an interpreted call costs up to seconds, so each is
+# timed once, unchained, and a decode timing holds two calls over one cache.
+SMOKE_NUM_HEADS = 4
+SMOKE_NUM_KV_HEADS = 2
+SMOKE_HEAD_DIM = 16  # = RANK, the planted indexer reads the first RANK dims
+SMOKE_BLOCK = 16
+SMOKE_REGION_TOKENS = 64  # several regions (and needles) in a few hundred tokens
+SMOKE_TIMED_RUNS = 1
+SMOKE_MAX_INNER = 1
+SMOKE_DECODE_CALLS = 2
+SMOKE_MAX_DECODE_LAYERS = 1
+SMOKE_LOGITS_SWEEP = [(16, 8, 4, 2)]  # tiles within the few query / key blocks
+SMOKE_SELECT_SWEEP = SELECT_SWEEP[:1]
+SMOKE_SELECT_SWEEP_DECODE = SELECT_SWEEP_DECODE[:1]
+SMOKE_LENGTH = 256  # 16 blocks
+# Option defaults: (real run, smoke run).
+ALL_SECTIONS = "check,sweep,indexer_select,prefill_layer,decode_layer"
+OPTION_DEFAULTS = {
+    "sections": ("check,indexer_select,prefill_layer,decode_layer", ALL_SECTIONS),
+    "check_lengths": ([32768, 131072], [SMOKE_LENGTH]),
+    "check_decode_length": (131072, SMOKE_LENGTH),
+    "sweep_length": (131072, SMOKE_LENGTH),
+    "sweep_decode_length": (524288, SMOKE_LENGTH),
+    "sweep_decode_batches": ([1, 16], [1, 2]),
+    "indexer_lengths": ([32768, 131072, 524288], [SMOKE_LENGTH]),
+    "prefill_lengths": ([32768, 131072, 524288, 1 << 20], [SMOKE_LENGTH]),
+    "decode_lengths": ([32768, 131072, 524288], [SMOKE_LENGTH]),
+    "decode_batches": ([1, 16], [1, 2]),
+    "dense_max_length": (524288, SMOKE_LENGTH),
+    "breakdown_max_length": (131072, SMOKE_LENGTH),
+}
+# Checks a smoke run asserts: block logits within this relative max error of the float32
+# reference (as the kernel tests); a list may differ from the reference only at a float32
+# tie, its boundary mass this close to top_p.
+SMOKE_LOGITS_TOLERANCE = 1e-2
+SMOKE_TIE_MARGIN = 1e-5
+
+
+def use_smoke_sizes() -> None:
+    """Rebinds this module's shapes, timing and sweeps to the SMOKE_* ones, with every constant
+    derived from them (call before anything is traced: the jitted helpers read them then)."""
+    group = SMOKE_NUM_HEADS // SMOKE_NUM_KV_HEADS
+    sparse_groups = tuple(range(1, SMOKE_NUM_KV_HEADS))
+    globals().update(
+        NUM_HEADS=SMOKE_NUM_HEADS, NUM_KV_HEADS=SMOKE_NUM_KV_HEADS, HEAD_DIM=SMOKE_HEAD_DIM,
+        BLOCK=SMOKE_BLOCK, GROUP=group, SPARSE_GROUPS=sparse_groups,
+        DENSE_HEADS=query_heads(DENSE_GROUPS, group),
+        SPARSE_HEADS=query_heads(sparse_groups, group),
+        CONFIG=layer_config(SMOKE_NUM_HEADS, SMOKE_NUM_KV_HEADS, SMOKE_HEAD_DIM),
+        SPARSE=sparse_config(SMOKE_NUM_KV_HEADS, SMOKE_BLOCK), REGION_TOKENS=SMOKE_REGION_TOKENS,
+        TIMED_RUNS=SMOKE_TIMED_RUNS, LONG_TIMED_RUNS=SMOKE_TIMED_RUNS, MAX_INNER=SMOKE_MAX_INNER,
+        DECODE_CALLS=SMOKE_DECODE_CALLS, MAX_DECODE_LAYERS=SMOKE_MAX_DECODE_LAYERS,
+        LOGITS_SWEEP=SMOKE_LOGITS_SWEEP, SELECT_SWEEP=SMOKE_SELECT_SWEEP,
+        SELECT_SWEEP_DECODE=SMOKE_SELECT_SWEEP_DECODE, RAISE_FAILURES=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,9 +293,11 @@ def planted_layer(key, batch: int, length: int, q_len: int | None = None
 
 
 def select_prefill_kernel(q: jax.Array, k: jax.Array, ki: jax.Array | None, lengths: jax.Array,
-                          sparse: SparseConfig, layer_indexer: dict[str, jax.Array]) -> Selection:
-    """`rtpurbo_jax.selection.select_prefill` for the "indexer" scorer, through the kernels."""
-    del k  # the oracle scorer's input
+                          sparse: SparseConfig, layer_indexer: dict[str, jax.Array],
+                          backend: str = LAYER_BACKEND) -> Selection:
+    """`rtpurbo_jax.selection.select_prefill` (same signature) for the "indexer" scorer, through
+    the kernels whatever the backend."""
+    del k, backend  # the oracle scorer's input; the kernels always
     q_start = jnp.zeros((q.shape[0],), jnp.int32)
     qi = indexer_queries(q, layer_indexer["wq"])
     return indexer_topp(qi, ki, q_start, lengths, block_q=sparse.block_q,
@@ -220,9 +307,11 @@ def select_prefill_kernel(q: jax.Array, k: jax.Array, ki: jax.Array | None, leng
 
 def select_decode_kernel(q: jax.Array, k_cache: jax.Array, ki_cache: jax.Array | None,
                          lengths: jax.Array, sparse: SparseConfig,
-                         layer_indexer: dict[str, jax.Array]) -> Selection:
-    """`rtpurbo_jax.selection.select_decode` for the "indexer" scorer, through the kernels."""
-    del k_cache
+                         layer_indexer: dict[str, jax.Array],
+                         backend: str = LAYER_BACKEND) -> Selection:
+    """`rtpurbo_jax.selection.select_decode` (same signature) for the "indexer" scorer, through
+    the kernels whatever the backend."""
+    del k_cache, backend
     qi = indexer_queries(q, layer_indexer["wq"])
     return indexer_topp(qi, ki_cache, lengths - 1, lengths, block_q=sparse.block_q,
                         block_k=sparse.block_k, scale=1.0 / sparse.temperature,
@@ -236,7 +325,7 @@ def prefill_layer(q, k, v, lengths, layer_indexer):
     """
     with mock.patch.object(attention, "select_prefill", select_prefill_kernel):
         out, _, stats = attention.layer_prefill(q, k, v, lengths, 0, CONFIG, SPARSE,
-                                                layer_indexer, "auto")
+                                                layer_indexer, LAYER_BACKEND)
     return out, stats
 
 
@@ -247,7 +336,7 @@ def decode_layer(q, k, v, ks, vs, ki, lengths, layer_indexer):
     [b, L, 7, D]; ki: [b, L, 7, RANK]. As `attention.layer_decode` after its `write_parts`
     (timed apart, a write into an undonated cache would copy all of it). Returns (out, counts).
     """
-    dense = attention.dense_decode(q[:, :, DENSE_HEADS], k, v, lengths, backend="auto")
+    dense = attention.dense_decode(q[:, :, DENSE_HEADS], k, v, lengths, backend=LAYER_BACKEND)
     qs = q[:, :, SPARSE_HEADS]
     indices, counts = select_decode_kernel(qs, ks, ki, lengths, SPARSE, layer_indexer)
     out = sparse_decode(qs[:, 0], ks, vs, indices[:, :, 0], counts[:, :, 0], lengths,
@@ -292,11 +381,15 @@ def time_ms(fn: Callable, inputs: list[tuple], runs: int) -> float:
 
 
 def guarded(name: str, fn: Callable[[], None], save: Callable[[], None]) -> None:
-    """Runs fn, then saves the results; a failure is logged and the run goes on."""
+    """Runs fn, then saves the results; a failure is logged and the run goes on (--smoke: it
+    raises, after the save)."""
     try:
         fn()
     except Exception as e:  # noqa: BLE001 - record the failure, run the other rows
         log(f"{name}: FAILED {type(e).__name__}: {str(e)[:ERROR_CHARS]}")
+        if RAISE_FAILURES:
+            save()
+            raise
     save()
 
 
@@ -344,14 +437,16 @@ class DenseTimes:
             q, k, v = planted_layer(jax.random.PRNGKey(7), 1, length)
         runs = runs_for(length)
         self.ms[length] = time_ms(dense_prefill_cudnn, [(q, k, v)], runs)
-        log(f"dense cuDNN {length}: {self.ms[length]:.2f} ms "
+        log(f"dense {DENSE_NAME} {length}: {self.ms[length]:.2f} ms "
             f"({dense_prefill_flops(length) / self.ms[length] / 1e9:.0f} TFLOP/s)")
         if length < LONG_PREFILL:
             lengths = jnp.full((1,), length, jnp.int32)
             self.model_ms[length] = time_ms(
-                lambda q, k, v: attention.dense_prefill(q, k, v, lengths, backend="auto"),
+                lambda q, k, v: attention.dense_prefill(q, k, v, lengths,
+                                                        backend=LAYER_BACKEND),
                 [(q, k, v)], runs)
-            log(f"dense model path (cuDNN + lengths) {length}: {self.model_ms[length]:.2f} ms")
+            log(f"dense model path ({DENSE_NAME} + lengths) {length}: "
+                f"{self.model_ms[length]:.2f} ms")
         return self.ms[length]
 
     def best(self, length: int) -> tuple[float | None, bool]:
@@ -583,7 +678,7 @@ def run_prefill_layer(args, results: dict, dense: DenseTimes, save: Callable[[],
                 row["dense_head_ms"] = time_ms(
                     lambda q, k, v: attention.dense_prefill(
                         q[:, :, DENSE_HEADS], k[:, :, dense_groups], v[:, :, dense_groups],
-                        lengths, backend="auto"), [(q, k, v)], runs)
+                        lengths, backend=LAYER_BACKEND), [(q, k, v)], runs)
                 qs = q[:, :, SPARSE_HEADS]
                 ks, vs = k[:, :, sparse_groups], v[:, :, sparse_groups]
                 row["indexer_ms"], lists = time_calls(
@@ -623,7 +718,7 @@ def run_decode_layer(args, results: dict, save: Callable[[], None]) -> None:
     dense_groups, sparse_groups = np.array(DENSE_GROUPS), np.array(SPARSE_GROUPS)
 
     def dense_fn(q, k, v, lengths):
-        return attention.dense_decode(q, k, v, lengths, backend="auto")
+        return attention.dense_decode(q, k, v, lengths, backend=LAYER_BACKEND)
 
     def indexer_fn(q, ki, lengths):
         return select_decode_kernel(q[:, :, SPARSE_HEADS], None, ki, lengths, SPARSE,
@@ -705,37 +800,80 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     def ints(s):
         return [int(x) for x in s.split(",") if x]
 
+    def default(name: str) -> str:
+        real, smoke = OPTION_DEFAULTS[name]
+        return f"default {real} (--smoke: {smoke})"
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out-dir", default="benchmarks/results")
-    p.add_argument("--sections", default="check,indexer_select,prefill_layer,decode_layer")
-    p.add_argument("--check-lengths", type=ints, default=[32768, 131072])
-    p.add_argument("--check-decode-length", type=int, default=131072)
-    p.add_argument("--sweep-length", type=int, default=131072)
-    p.add_argument("--sweep-decode-length", type=int, default=524288)
-    p.add_argument("--sweep-decode-batches", type=ints, default=[1, 16])
-    p.add_argument("--indexer-lengths", type=ints, default=[32768, 131072, 524288])
-    p.add_argument("--prefill-lengths", type=ints, default=[32768, 131072, 524288, 1 << 20])
-    p.add_argument("--decode-lengths", type=ints, default=[32768, 131072, 524288])
-    p.add_argument("--decode-batches", type=ints, default=[1, 16])
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, every section (CPU: interpret mode, XLA dense); asserts")
+    p.add_argument("--out-dir", default=None,
+                   help="default benchmarks/results (--smoke: a fresh temp dir)")
+    p.add_argument("--sections", default=None, help=default("sections"))
+    p.add_argument("--check-lengths", type=ints, default=None, help=default("check_lengths"))
+    p.add_argument("--check-decode-length", type=int, default=None,
+                   help=default("check_decode_length"))
+    p.add_argument("--sweep-length", type=int, default=None, help=default("sweep_length"))
+    p.add_argument("--sweep-decode-length", type=int, default=None,
+                   help=default("sweep_decode_length"))
+    p.add_argument("--sweep-decode-batches", type=ints, default=None,
+                   help=default("sweep_decode_batches"))
+    p.add_argument("--indexer-lengths", type=ints, default=None,
+                   help=default("indexer_lengths"))
+    p.add_argument("--prefill-lengths", type=ints, default=None,
+                   help=default("prefill_lengths"))
+    p.add_argument("--decode-lengths", type=ints, default=None, help=default("decode_lengths"))
+    p.add_argument("--decode-batches", type=ints, default=None, help=default("decode_batches"))
     p.add_argument("--selections", type=lambda s: s.split(","), default=list(SELECTIONS),
                    help="selection implementations indexer_select times (pallas first)")
-    p.add_argument("--dense-max-length", type=int, default=524288,
-                   help="longest prefill timed densely; longer ones are extrapolated")
-    p.add_argument("--breakdown-max-length", type=int, default=131072,
-                   help="longest prefill whose parts are also timed one by one")
-    return p.parse_args(argv)
+    p.add_argument("--dense-max-length", type=int, default=None,
+                   help="longest prefill timed densely; longer ones are extrapolated; "
+                   + default("dense_max_length"))
+    p.add_argument("--breakdown-max-length", type=int, default=None,
+                   help="longest prefill whose parts are also timed one by one; "
+                   + default("breakdown_max_length"))
+    args = p.parse_args(argv)
+    for name, (real, smoke) in OPTION_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else real)
+    if args.out_dir is None:
+        args.out_dir = (tempfile.mkdtemp(prefix="bench_layer_") if args.smoke
+                        else "benchmarks/results")
+    return args
+
+
+def check_smoke(sections: list[str], results: dict) -> None:
+    """--smoke: the checks passed and every section wrote its rows."""
+    failed = []
+    for c in results.get("checks", []):
+        if "rel_max" in c:
+            ok = c["rel_max"] <= SMOKE_LOGITS_TOLERANCE and c["same_inf"] and not c["nan"]
+        else:
+            ok = c["rows_differ"] == 0 or c["worst_margin"] <= SMOKE_TIE_MARGIN
+        if not ok:
+            failed.append(c)
+    assert not failed, f"checks failed: {failed}"
+    written = {r["bench"] for r in results["rows"]} | {
+        "check" for _ in results.get("checks", [])} | {"sweep" for _ in results.get("sweep", [])}
+    missing = set(sections) - written
+    assert not missing, f"sections without results: {sorted(missing)}"
+    log(f"smoke ok: {len(results.get('checks', []))} checks, {len(results.get('sweep', []))} "
+        f"sweep rows, {len(results['rows'])} rows")
 
 
 def main(argv: Sequence[str]) -> None:
     args = parse_args(argv)
+    if args.smoke:
+        use_smoke_sizes()
     sections = args.sections.split(",")
     os.makedirs(args.out_dir, exist_ok=True)
     results = {
-        "device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": git_commit(),
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+        "jax_version": jax.__version__, "commit": git_commit(),
         "config": {k: v for k, v in vars(args).items() if k != "out_dir"}, "rows": [],
     }
     path = os.path.join(args.out_dir, "layer.json")
-    log(f"{results['device']} jax {results['jax']} commit {results['commit']}")
+    log(f"{results['device']} jax {results['jax']} commit {results['commit']} -> {path}")
     dense = DenseTimes(args.dense_max_length)
 
     def save():
@@ -753,7 +891,10 @@ def main(argv: Sequence[str]) -> None:
     }
     for section in sections:
         runners[section]()
+    save()
     print_table(results["rows"])
+    if args.smoke:
+        check_smoke(sections, results)
 
 
 if __name__ == "__main__":
