@@ -166,9 +166,11 @@ def make_joint_step(config: ModelConfig, sparses: dict[str, SparseConfig],
 
 def train_variants(model: SparseModel, variants: dict[str, Variant], dataset: Any, train: Any,
                    *, level: str = STAGE1_LEVEL, teacher_top_p: float = STAGE1_TEACHER_TOP_P,
-                   progress: bool = True) -> tuple[dict[str, Variant], list[dict[str, Any]]]:
+                   max_minutes: float = 0.0, progress: bool = True
+                   ) -> tuple[dict[str, Variant], list[dict[str, Any]]]:
     """Trains every variant jointly, one step per batch of dataset ({"tokens", "length"}), each
-    with `make_optimizer(train)`. Returns (the trained variants, metrics of every step)."""
+    with `make_optimizer(train)`, stopping after the step that passes max_minutes (> 0). Returns
+    (the trained variants, metrics of every step taken)."""
     from tqdm import tqdm
 
     sparses = {name: sparse for name, (sparse, _) in variants.items()}
@@ -180,6 +182,7 @@ def train_variants(model: SparseModel, variants: dict[str, Variant], dataset: An
                               teacher_top_p=teacher_top_p)
     history = []
     bar = tqdm(dataset, total=len(dataset), desc="distilling", disable=not progress)
+    start = time.perf_counter()
     for step, batch in enumerate(bar, 1):
         tick = time.perf_counter()
         indexers, opt_states, metrics = step_fn(indexers, opt_states, model.params,
@@ -191,6 +194,8 @@ def train_variants(model: SparseModel, variants: dict[str, Variant], dataset: An
                      for key, values in metrics.items()}}
         history.append(record)
         bar.set_postfix({n: f"{v:.3f}" for n, v in record["loss"].items()})
+        if max_minutes > 0 and time.perf_counter() - start > 60 * max_minutes:
+            break
     trained = {name: (sparses[name], jax.device_get(indexers[name])) for name in variants}
     return trained, history
 
@@ -473,10 +478,11 @@ def mask_summary(heads_mask: Sequence[Sequence[bool]], model: ModelConfig) -> di
 
 
 def run_recall(config: Any, *, mask_path: Path, ranks: Sequence[int], windows: int,
-               query_positions: int, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Initialise, jointly train and measure every variant as `config` describes (its
-    train.steps and train.seq_len already the run's); writes <out>.json and <out>.png and
-    returns the record."""
+               query_positions: int, out: Path, max_minutes: float = 0.0,
+               progress: bool = True) -> dict[str, Any]:
+    """Initialise, jointly train (for train.steps, or fewer when max_minutes > 0 run out) and
+    measure every variant as `config` describes (its train.steps and train.seq_len already the
+    run's); writes <out>.json and <out>.png and returns the record."""
     from rtpurbo_jax.api import load_from_config
     from rtpurbo_jax.convert import task_tokenizer
     from rtpurbo_jax.data import corpus_tokens, training_dataset
@@ -493,7 +499,9 @@ def run_recall(config: Any, *, mask_path: Path, ranks: Sequence[int], windows: i
     dataset = training_dataset(tokenizer, config.data, seq_len=length,
                                batch_size=train.batch_size, steps=train.steps, seed=config.seed)
     tick = time.perf_counter()
-    trained, history = train_variants(model, variants, dataset, train, progress=progress)
+    trained, history = train_variants(model, variants, dataset, train, max_minutes=max_minutes,
+                                      progress=progress)
+    steps = len(history)
     train_minutes = (time.perf_counter() - tick) / 60
     held_out = text_windows(text_tokens(tokenizer, "heldout"), length, windows,
                             np.random.default_rng([config.seed, HELDOUT_STREAM]))
@@ -504,7 +512,8 @@ def run_recall(config: Any, *, mask_path: Path, ranks: Sequence[int], windows: i
     record = {
         "model": name, "config": config.name, "device": device_name(),
         "jax": jax.__version__, "commit": git_commit(Path(__file__).resolve().parents[1]),
-        "steps": train.steps, "seq_len": length, "batch": train.batch_size,
+        "steps": steps, "steps_planned": train.steps, "seq_len": length,
+        "batch": train.batch_size,
         "windows": windows, "query_positions": query_positions, "top_ps": list(TOP_PS),
         "block_k": config.sparse.block_k,
         "stage1": {"level": STAGE1_LEVEL, "teacher_top_p": STAGE1_TEACHER_TOP_P},
@@ -519,7 +528,7 @@ def run_recall(config: Any, *, mask_path: Path, ranks: Sequence[int], windows: i
     json_path, png_path = out.with_name(out.name + ".json"), out.with_name(out.name + ".png")
     json_path.write_text(json.dumps(record, indent=1))
     plot_recall(rows, png_path, f"{name}: decode recall of retrieval heads at {length} tokens "
-                f"({train.steps} steps, {windows} held-out windows x {query_positions} queries)")
+                f"({steps} steps, {windows} held-out windows x {query_positions} queries)")
     return record
 
 
@@ -536,6 +545,9 @@ def define_flags() -> dict[str, Any]:
         "mask": flags.DEFINE_string("mask", None, "JSON with \"retrieval_mask\" [layers][query "
                                     "heads] (the paper design's heads.json)", required=True),
         "steps": flags.DEFINE_integer("steps", 200, "training steps (overrides train.steps)"),
+        "minutes": flags.DEFINE_float("minutes", 0.0, "stop training after this many minutes "
+                                      "even before --steps (0: no limit); the JSON records the "
+                                      "steps taken"),
         "ranks": flags.DEFINE_string("ranks", "8,16,32", "comma-separated indexer ranks"),
         "length": flags.DEFINE_integer("length", 8192, "tokens per training sequence and per "
                                        "held-out window (overrides train.seq_len)"),
@@ -561,6 +573,8 @@ def check_flags(values: dict[str, Any], config: Any) -> tuple[int, ...]:
     for flag in ("steps", "windows"):
         if values[flag] < 1:
             raise ValueError(f"--{flag} must be >= 1, got {values[flag]}")
+    if values["minutes"] < 0:
+        raise ValueError(f"--minutes must be >= 0 (0: no limit), got {values['minutes']}")
     if (jax.default_backend() == "cpu" and values["length"] > CPU_MAX_LENGTH
             and not values["allow_cpu"]):
         raise ValueError(f"no accelerator: --length {values['length']} would take hours on the "
@@ -576,7 +590,8 @@ def print_report(record: dict[str, Any], out: str) -> None:
     for v in record["variants"].values():
         print(f"| {v['kind']} | {v['rank']} | {v['first_loss']:.4f} | {v['final_loss']:.4f} | "
               f"{v['final_loss_mean']:.4f} |")
-    print(f"\nwrote {out}.json, {out}.png ({record['train_minutes']:.1f} min training, "
+    print(f"\nwrote {out}.json, {out}.png ({record['steps']} steps, "
+          f"{record['train_minutes']:.1f} min training, "
           f"{record['measure_minutes']:.1f} min measuring on {record['device']})")
 
 
@@ -592,7 +607,7 @@ def main(argv: Sequence[str], holders: dict[str, Any]) -> None:
     config.train.update(steps=values["steps"], seq_len=values["length"])
     record = run_recall(config, mask_path=Path(values["mask"]), ranks=ranks,
                         windows=values["windows"], query_positions=values["query_positions"],
-                        out=Path(values["out"]))
+                        out=Path(values["out"]), max_minutes=values["minutes"])
     print_report(record, values["out"])
 
 

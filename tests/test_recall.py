@@ -146,6 +146,19 @@ def test_joint_step_trains_each_variant_as_if_alone():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_time_budget_stops_after_the_step_that_passes_it():
+    model = tiny_model()
+    variants = _random_variants(model)
+    data = ConfigDict(dict(files=(), task_fraction=0.0, tasks=()))
+    dataset = training_dataset(ByteTokenizer(), data, seq_len=128, batch_size=2, steps=3, seed=0)
+    train = ConfigDict(dict(TRAIN))
+    _, history = recall.train_variants(model, variants, dataset, train, max_minutes=1e-9,
+                                       progress=False)
+    assert len(history) == 1
+    _, history = recall.train_variants(model, variants, dataset, train, progress=False)
+    assert len(history) == 3
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json does not exist"):
         recall.load_heads_mask(tmp_path / "nope.json", TINY)
