@@ -48,6 +48,26 @@ def base_config() -> ml_collections.ConfigDict:
         loss_level="block",  # "block" (what selection ranks by) | "token"
         teacher_top_p=0.9, checkpoint_every=100, keep_checkpoints=2,
         calibration_windows=4,  # text windows of seq_len for the SVD initialisation
+        # "indexer" (stage 1: the indexer distils attention), "distill" (stage 2: the model's
+        # weights distil the dense teacher in sparse mode), or both, in order.
+        stages=("indexer",),
+    ))
+    # Stage 2 (rtpurbo_jax/stage2.py). The paper: lr 3e-6 constant, 200 warm-up steps, weight
+    # decay 0.01, global batch 8, ~600 steps, top-10 KL.
+    config.distill = ml_collections.ConfigDict(dict(
+        steps=600, seq_len=8192, batch_size=2, learning_rate=3e-6, warmup_steps=200,
+        schedule="constant",  # "constant" | "cosine" (to final_lr_fraction)
+        final_lr_fraction=0.1, weight_decay=0.01, grad_clip=1.0,
+        loss="top_k", top_k=10,  # "top_k": KL over the teacher's top-k ids | "full": vocab
+        lora_rank=0,  # 0: full fine-tune (float32 master weights); > 0: LoRA adapters
+        lora_alpha=16.0, lora_targets=("wq", "wk", "wv", "wo"),
+        teacher="live",  # "live": the dense teacher runs every step | "cached": top-k on disk
+        compute_dtype="bfloat16",
+        checkpoint_every=100, keep_checkpoints=2,
+        # Without stage 1 in train.stages: the sparse checkpoint to start from (default: the
+        # run directory's sparse/).
+        sparse="",
+        export_dtype="bfloat16",  # the exported model's weights
     ))
     config.data = ml_collections.ConfigDict(dict(
         files=(),  # .txt / .jsonl ("text" field); empty: the stdlib sources
@@ -59,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
         train=dict(steps=12, seq_len=1024, batch_size=1, warmup_steps=3, checkpoint_every=4,
                    calibration_windows=2),
         heads=dict(length=1024, samples=2, batch_size=2, needle_tokens=32),
+        distill=dict(steps=4, seq_len=512, batch_size=1, warmup_steps=1, checkpoint_every=2,
+                     compute_dtype="float32"),
     ))
     config.eval = default_eval_config()
     config.tune = default_tune_config()

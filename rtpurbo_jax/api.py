@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -14,12 +16,14 @@ from rtpurbo_jax import generate as gen
 from rtpurbo_jax.assets import DEFAULT_MODEL_NAME, default_model_path
 from rtpurbo_jax.attention import check_backend
 from rtpurbo_jax.checkpoint import (
-    SparseCheckpointError,
+    CONFIG_FILE,
+    check_base,
     export_safetensors,
     load_sparse,
     save_sparse,
 )
 from rtpurbo_jax.config import ConfigError, ModelConfig, SparseConfig
+from rtpurbo_jax.export import ORIGIN_FILE
 from rtpurbo_jax.hf import load_checkpoint
 from rtpurbo_jax.model import Params, init_params
 
@@ -71,7 +75,8 @@ class SparseModel:
 
     Attributes: config (ModelConfig), params (a plain pytree), tokenizer (transformers tokenizer
     or None), fingerprint (of the base weights), backend ("reference" | "pallas" | "auto"),
-    sparse (SparseConfig or None: dense) and indexer (the indexer params pytree or None).
+    sparse (SparseConfig or None: dense), indexer (the indexer params pytree or None) and origin
+    (a stage-2 model's rtpurbo.json: the base it was fine-tuned from, stages, steps; else None).
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class SparseModel:
         backend: str = "auto",
         sparse: SparseConfig | None = None,
         indexer: dict[str, Any] | None = None,
+        origin: dict[str, Any] | None = None,
     ) -> None:
         check_backend(backend)
         if sparse is not None:
@@ -96,6 +102,7 @@ class SparseModel:
         self.backend = backend
         self.sparse = sparse
         self.indexer = indexer
+        self.origin = origin
 
     def with_sparse(
         self, sparse: SparseConfig | None, indexer: dict[str, Any] | None = None
@@ -103,7 +110,8 @@ class SparseModel:
         """The same base model with another sparse configuration (None: dense)."""
         indexer = self.indexer if indexer is None else indexer
         return SparseModel(self.config, self.params, self.tokenizer, self.fingerprint,
-                           self.backend, sparse, indexer if sparse is not None else None)
+                           self.backend, sparse, indexer if sparse is not None else None,
+                           origin=self.origin)
 
     def save_sparse(self, path: str | os.PathLike[str], safetensors: bool = False) -> None:
         """Writes the sparse checkpoint (Orbax, or safetensors + JSON for other frameworks)."""
@@ -173,6 +181,7 @@ def load(
     source: str | os.PathLike[str] | None = None,
     *,
     sparse: str | os.PathLike[str] | None = None,
+    dense: bool = False,
     dtype: Any = jnp.float32,
     backend: str = "auto",
     with_tokenizer: bool = True,
@@ -181,23 +190,28 @@ def load(
 
     source: a Hugging Face hub id ("org/name"), a local directory with config.json and
     *.safetensors (sharded with an index too), a .gguf file, or None for the embedded default
-    model (SmolLM2-135M-Instruct, fetched once into the cache directory). A sparse checkpoint
-    made for another base model is refused.
+    model (SmolLM2-135M-Instruct, fetched once into the cache directory). A local directory that
+    also holds a sparse checkpoint (sparse.json, as `export_model` writes one) loads sparse with
+    it unless `sparse` names another checkpoint or `dense=True` asks for the weights alone.
+    A sparse checkpoint made for other weights is refused; one of a fine-tuned (stage-2) model
+    given with the model it was fine-tuned from is refused with a pointer to the fine-tuned one.
     """
     check_backend(backend)
+    if dense and sparse is not None:
+        raise ValueError("give sparse= or dense=True, not both")
     name = None
     if source is None:
         source, name = default_model_path(), DEFAULT_MODEL_NAME
+    elif sparse is None and not dense and (Path(source).expanduser() / CONFIG_FILE).is_file():
+        sparse = Path(source).expanduser()
     config, params, tokenizer, fingerprint = load_checkpoint(source, dtype, with_tokenizer, name)
-    model = SparseModel(config, params, tokenizer, fingerprint, backend)
+    origin_file = Path(source).expanduser() / ORIGIN_FILE
+    origin = json.loads(origin_file.read_text()) if origin_file.is_file() else None
+    model = SparseModel(config, params, tokenizer, fingerprint, backend, origin=origin)
     if sparse is None:
         return model
     sparse_config, indexer, base = load_sparse(sparse)
-    if base["fingerprint"] != fingerprint:
-        raise SparseCheckpointError(
-            f"sparse checkpoint {sparse} was made for base model {base['name']!r} (weights "
-            f"fingerprint {base['fingerprint'][:12]}), not for {config.name!r} (fingerprint "
-            f"{fingerprint[:12]})")
+    check_base(sparse, base, fingerprint, config.name)
     return model.with_sparse(sparse_config, indexer)
 
 

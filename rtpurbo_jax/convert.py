@@ -1,8 +1,10 @@
 """The conversion steps a dense model goes through to become an RTPurbo model.
 
 calibrate heads -> choose retrieval heads -> initialise the indexer from the model's own queries
--> (train.py distils it) -> a sparse checkpoint. Each step is a function of a loaded model;
-`indexer_quality` measures how well an indexer's selection covers the true attention.
+-> (train.py distils it: stage 1) -> a sparse checkpoint -> (stage 2, optional: the model's
+weights self-distil in sparse mode) -> a new model exported with its sparse checkpoint. Each
+step is a function of a loaded model; `indexer_quality` measures how well an indexer's
+selection covers the true attention.
 
 Heads are calibrated by `heads.method`: "needle" (the paper's Eq. 3: attention from a repeated
 span to its first copy, per query head) or "tasks" (attention on the needles of retrieval-task
@@ -13,6 +15,8 @@ query heads ("paper", choosing single heads or whole KV groups by `heads.granula
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rtpurbo_jax.api import SparseModel
-from rtpurbo_jax.config import SparseConfig
+from rtpurbo_jax.config import ConfigError, SparseConfig
 from rtpurbo_jax.data import corpus_tokens
 from rtpurbo_jax.heads import (
     choose_query_heads,
@@ -209,18 +213,61 @@ def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path,
     return mask
 
 
+# The stages of train.py, in the order they run.
+STAGES = ("indexer", "distill")
+
+
+def check_stages(stages: Sequence[str]) -> tuple[str, ...]:
+    """train.stages, checked: known stages, each once, in STAGES order."""
+    stages = tuple(stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ConfigError(f"train.stages must be one or both of {STAGES} (in that order), got "
+                          f"{stages}")
+    if list(stages) != [s for s in STAGES if s in stages] or len(set(stages)) != len(stages):
+        raise ConfigError(f"train.stages must list each stage once, in the order {STAGES}; got "
+                          f"{stages}")
+    return stages
+
+
 def run_conversion(config: Any, run_dir: Path) -> dict[str, Any]:
-    """The whole conversion a config describes, into run_dir. Returns a summary dict."""
+    """The whole conversion a config describes, into run_dir: the stages of train.stages.
+    Returns a summary dict (per stage: steps, losses, minutes)."""
     from rtpurbo_jax.api import load_from_config
-    from rtpurbo_jax.data import training_dataset
     from rtpurbo_jax.sharding import make_mesh
+
+    stages = check_stages(config.train.stages)
+    model = load_from_config(config.model)
+    if "distill" in stages:  # before stage 1 spends its time
+        from rtpurbo_jax.stage2 import check_distill
+
+        check_distill(config.distill, model.config)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    summary: dict[str, Any] = {"model": model.config.name,
+                               "device": jax.devices()[0].device_kind, "stages": list(stages)}
+    if "indexer" in stages:
+        tick = time.perf_counter()
+        sparse, indexer, stage1 = run_stage1(config, model, run_dir, mesh)
+        summary.update(stage1, stage1_minutes=(time.perf_counter() - tick) / 60)
+    else:
+        sparse, indexer = start_checkpoint(config, model, run_dir)
+    summary["retrieval_fraction"] = sparse.retrieval_fraction
+    if "distill" in stages:
+        tick = time.perf_counter()
+        summary["distill"] = run_distill(config, model, sparse, indexer, run_dir, mesh)
+        summary["distill"]["minutes"] = (time.perf_counter() - tick) / 60
+    return summary
+
+
+def run_stage1(config: Any, model: SparseModel, run_dir: Path, mesh: Any
+               ) -> tuple[SparseConfig, Any, dict[str, Any]]:
+    """Calibrate, choose and distil the indexer; writes run_dir/sparse and sparse_safetensors.
+    Returns (its SparseConfig, the indexer, {steps, first_loss, final_loss, resumed})."""
+    from rtpurbo_jax.data import training_dataset
     from rtpurbo_jax.training import run_training
 
-    model = load_from_config(config.model)
     tokenizer = task_tokenizer(model)
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-    design = config.sparse.design
-    mask = retrieval_mask(model, config.heads, config.seed, run_dir, design)
+    mask = retrieval_mask(model, config.heads, config.seed, run_dir, config.sparse.design)
     sparse = SparseConfig(mask, group_size=model.config.group_size, **config.sparse.to_dict())
     sparse.check_model(model.config)
     train = config.train
@@ -237,9 +284,55 @@ def run_conversion(config: Any, run_dir: Path) -> dict[str, Any]:
     trained.save_sparse(run_dir / "sparse")
     trained.save_sparse(run_dir / "sparse_safetensors", safetensors=True)
     losses = [h["loss"] for h in _read_metrics(run_dir)]
-    return {"model": model.config.name, "device": jax.devices()[0].device_kind,
-            "steps": train.steps, "first_loss": losses[0], "final_loss": losses[-1],
-            "retrieval_fraction": sparse.retrieval_fraction, "resumed": len(history) < len(losses)}
+    return sparse, indexer, {"steps": train.steps, "first_loss": losses[0],
+                             "final_loss": losses[-1], "resumed": len(history) < len(losses)}
+
+
+def start_checkpoint(config: Any, model: SparseModel, run_dir: Path) -> tuple[SparseConfig, Any]:
+    """Stage 2 without stage 1: the sparse checkpoint at distill.sparse (default:
+    run_dir/sparse), which must have been made for these base weights."""
+    from rtpurbo_jax.checkpoint import SparseCheckpointError, load_sparse
+
+    path = Path(config.distill.sparse) if config.distill.sparse else run_dir / "sparse"
+    sparse, indexer, base = load_sparse(path)
+    if model.fingerprint and base["fingerprint"] != model.fingerprint:
+        raise SparseCheckpointError(f"distill.sparse = {path} was made for base model "
+                                    f"{base['name']!r}, not for {model.config.name!r}")
+    sparse.check_model(model.config)
+    return sparse, indexer
+
+
+def run_distill(config: Any, model: SparseModel, sparse: SparseConfig, indexer: Any,
+                run_dir: Path, mesh: Any) -> dict[str, Any]:
+    """Stage 2, then the new model exported to run_dir/model (a Hugging Face directory with
+    its sparse checkpoint and origin). Returns {steps, first_loss, final_loss, resumed}."""
+    from rtpurbo_jax.data import training_dataset
+    from rtpurbo_jax.export import export_model
+    from rtpurbo_jax.stage2 import DATA_STREAM, run_stage2
+
+    distill = config.distill
+    dataset = training_dataset(task_tokenizer(model), config.data, seq_len=distill.seq_len,
+                               batch_size=distill.batch_size, steps=distill.steps,
+                               seed=config.seed, stream=DATA_STREAM)
+    params, history = run_stage2(config=model.config, params=model.params, sparse=sparse,
+                                 indexer=indexer, dataset=dataset, distill=distill,
+                                 run_dir=run_dir, mesh=mesh, backend=model.backend,
+                                 seed=config.seed)
+    losses = [h["loss"] for h in _read_metrics(run_dir / "distill")]
+    steps = {"indexer": config.train.steps if "indexer" in config.train.stages else 0,
+             "distill": distill.steps}
+    origin = {"base": {"name": model.config.name, "fingerprint": model.fingerprint},
+              "stages": list(config.train.stages), "steps": steps, "design": sparse.design,
+              "distill": {k: v for k, v in distill.to_dict().items() if k != "sparse"}}
+    # Written aside and renamed: a kill mid-export never leaves a half model under model/.
+    partial, final = run_dir / "model.partial", run_dir / "model"
+    shutil.rmtree(partial, ignore_errors=True)
+    export_model(partial, params, model.config, model.tokenizer, sparse=sparse,
+                 indexer=indexer, origin=origin, dtype=distill.export_dtype)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    return {"steps": distill.steps, "first_loss": losses[0], "final_loss": losses[-1],
+            "resumed": len(history) < len(losses)}
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, float]]:

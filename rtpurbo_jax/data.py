@@ -64,9 +64,11 @@ def corpus_tokens(tokenizer: Any, files: Sequence[str]) -> np.ndarray:
 
 
 def make_example(index: int, *, tokens: np.ndarray, tokenizer: Any, seq_len: int, seed: int,
-                 task_fraction: float, tasks: Sequence[str]) -> dict[str, np.ndarray]:
-    """Example `index`: {"tokens": [seq_len] int32 right-padded, "length": int32}."""
-    rng = np.random.default_rng([seed, index])
+                 task_fraction: float, tasks: Sequence[str], stream: int | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Example `index`: {"tokens": [seq_len] int32 right-padded, "length": int32}. `stream`
+    (None: stage 1's) gives another stage its own examples under the same seed."""
+    rng = np.random.default_rng([seed, index] if stream is None else [seed, stream, index])
     out = np.zeros((seq_len,), np.int32)
     if tasks and rng.random() < task_fraction:
         task = tasks[int(rng.integers(len(tasks)))]
@@ -81,8 +83,9 @@ def make_example(index: int, *, tokens: np.ndarray, tokenizer: Any, seq_len: int
 
 
 def training_dataset(tokenizer: Any, data_config: Any, *, seq_len: int, batch_size: int,
-                     steps: int, seed: int) -> Any:
-    """A grain.MapDataset of `steps` batches {"tokens": [batch, seq_len], "length": [batch]}."""
+                     steps: int, seed: int, stream: int | None = None) -> Any:
+    """A grain.MapDataset of `steps` batches {"tokens": [batch, seq_len], "length": [batch]}
+    (`stream`: see make_example)."""
     import grain
 
     tasks = tuple(data_config.tasks)
@@ -98,6 +101,7 @@ def training_dataset(tokenizer: Any, data_config: Any, *, seq_len: int, batch_si
 
     def example(index: int) -> dict[str, np.ndarray]:
         return make_example(int(index), tokens=tokens, tokenizer=tokenizer, seq_len=seq_len,
-                            seed=seed, task_fraction=data_config.task_fraction, tasks=tasks)
+                            seed=seed, task_fraction=data_config.task_fraction, tasks=tasks,
+                            stream=stream)
 
     return grain.MapDataset.range(steps * batch_size).map(example).batch(batch_size)

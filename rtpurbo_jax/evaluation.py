@@ -47,6 +47,7 @@ from rtpurbo_jax.cache import kv_cache_bytes
 from rtpurbo_jax.checkpoint import CONFIG_FILE, SparseCheckpointError, load_sparse
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.convert import task_tokenizer
+from rtpurbo_jax.export import ORIGIN_FILE
 from rtpurbo_jax.tasks import TASKS, Sample, is_correct, make_samples
 from rtpurbo_jax.text import text_tokens, text_windows
 
@@ -212,10 +213,14 @@ Checkpoint = tuple[SparseConfig, Any]  # (SparseConfig, indexer params)
 
 
 def mode_model(mode: str, model: SparseModel, designs: dict[str, Checkpoint],
-               top_k_blocks: int | None = None) -> SparseModel:
+               top_k_blocks: int | None = None, full_model: SparseModel | None = None
+               ) -> SparseModel:
     """The model of a mode: `model` carries the rtpurbo checkpoint, `designs` the checkpoints of
     the design modes; streaming and oracle derive from the paper-design checkpoint when there
-    is one."""
+    is one. Mode full runs full_model (the original weights, when `model` is a stage-2 model
+    with weights of its own), else `model`'s weights, dense."""
+    if mode == "full" and full_model is not None:
+        return full_model.with_sparse(None)
     if mode in DESIGN_MODES:
         if mode not in designs:
             raise ValueError(f"eval mode {mode!r} needs a {mode}-design checkpoint: set "
@@ -383,9 +388,11 @@ def build_samples(tasks: Sequence[str], lengths: Sequence[int], ev: Any, tokeniz
 
 
 def run_suite(model: SparseModel, tokenizer: Any, ev: Any, progress: bool = False,
-              designs: dict[str, Checkpoint] | None = None) -> dict[str, Any]:
+              designs: dict[str, Checkpoint] | None = None,
+              full_model: SparseModel | None = None) -> dict[str, Any]:
     """Accuracy, density and perplexity of every mode; `model` carries the sparse checkpoint of
-    mode rtpurbo, `designs` those of the modes paper and indexer.
+    mode rtpurbo, `designs` those of the modes paper and indexer, full_model (if not None) the
+    original weights of mode full (see `mode_model`).
 
     Loop order is length, mode, task: one compiled generate program per (length, mode) serves
     every task, since all prompts of a length have one shape. Returns {"cells", "density",
@@ -419,7 +426,7 @@ def run_suite(model: SparseModel, tokenizer: Any, ev: Any, progress: bool = Fals
                         "mean_candidate_blocks": mean_candidate_blocks(
                             prompt_len, sparse.block_q, sparse.block_k),
                         "top_k_blocks": k}
-                run_model = mode_model(mode, model, designs, k)
+                run_model = mode_model(mode, model, designs, k, full_model)
                 stats, decode_stats, mode_hits = np.zeros(2), np.zeros(2), []
                 for task in tasks:
                     bar.set_postfix_str(f"{length} tokens, {mode}, {task}")
@@ -450,12 +457,13 @@ def run_suite(model: SparseModel, tokenizer: Any, ev: Any, progress: bool = Fals
     return {"cells": cells, "density": densities, "paired": paired, "kv_bytes": kv_bytes,
             "topk_budget": list(budgets.values()),
             "perplexity": run_perplexity(model, tokenizer, ev, modes, budgets, progress,
-                                         designs)}
+                                         designs, full_model)}
 
 
 def run_perplexity(model: SparseModel, tokenizer: Any, ev: Any, modes: Sequence[str],
                    budgets: dict[int, dict[str, Any]], progress: bool = False,
-                   designs: dict[str, Checkpoint] | None = None) -> list[dict[str, Any]]:
+                   designs: dict[str, Checkpoint] | None = None,
+                   full_model: SparseModel | None = None) -> list[dict[str, Any]]:
     """Per mode, perplexity on eval.perplexity_windows held-out windows of the largest length
     (topk with that length's budget)."""
     if ev.perplexity_windows == 0:
@@ -466,7 +474,7 @@ def run_perplexity(model: SparseModel, tokenizer: Any, ev: Any, modes: Sequence[
     out = []
     for mode in tqdm(modes, desc="perplexity", unit="mode", disable=not progress):
         k = budgets[length]["top_k_blocks"] if mode == "topk" else None
-        result = perplexity(mode_model(mode, model, designs or {}, k), windows,
+        result = perplexity(mode_model(mode, model, designs or {}, k, full_model), windows,
                             ev.perplexity_batch_size)
         out.append({"mode": mode, "length": length, "windows": ev.perplexity_windows, **result})
     return out
@@ -474,7 +482,8 @@ def run_perplexity(model: SparseModel, tokenizer: Any, ev: Any, modes: Sequence[
 
 def load_eval_model(model_config: Any, sparse_path: str | os.PathLike[str], *,
                     backend: str = "auto") -> SparseModel:
-    """The model a config's `model` section describes, with a sparse checkpoint attached.
+    """The model a config's `model` section describes, with a sparse checkpoint attached; or,
+    when sparse_path is a stage-2 model directory (train.py's <run>/model), that model.
 
     A checkpoint made for other base weights is refused (by `api.load`); random weights
     (source "random") have no fingerprint, so only a checkpoint made on random weights fits.
@@ -484,6 +493,10 @@ def load_eval_model(model_config: Any, sparse_path: str | os.PathLike[str], *,
         raise SparseCheckpointError(
             f"no sparse checkpoint at {path} (no {CONFIG_FILE}): train one with train.py, or "
             "point --config.eval.sparse (or --config.eval.run_dir) at one")
+    if (path / ORIGIN_FILE).exists():  # a stage-2 model: its own weights, sparse attached
+        model = load(path, dtype=jnp.dtype(model_config.dtype), backend=backend)
+        check_arch(ModelConfig.from_hf(dict(model_config.arch)), model.config)
+        return model
     if model_config.source != "random":
         model = load(model_config.source, sparse=path, dtype=jnp.dtype(model_config.dtype),
                      backend=backend)
@@ -495,6 +508,24 @@ def load_eval_model(model_config: Any, sparse_path: str | os.PathLike[str], *,
         raise SparseCheckpointError(f"sparse checkpoint {path} was made for base model "
                                     f"{base['name']!r}, not for random weights")
     return model.with_sparse(sparse, indexer)
+
+
+def load_original(model_config: Any, model: SparseModel, *, backend: str = "auto"
+                  ) -> SparseModel | None:
+    """The original weights for mode full when `model` is a stage-2 model (its weights
+    fine-tuned; its origin records the base), else None (mode full runs model's own weights).
+    Refuses a base that is not the stage-2 model's origin."""
+    origin = model.origin
+    if not origin:
+        return None
+    original = load_from_config(model_config, backend=backend)
+    base = origin["base"]
+    if original.fingerprint != base["fingerprint"]:
+        raise SparseCheckpointError(
+            f"the stage-2 model was fine-tuned from {base['name']!r} (fingerprint "
+            f"{base['fingerprint'][:12]}), but config.model.source loads {original.config.name!r} "
+            f"(fingerprint {original.fingerprint[:12]}): point it at the original")
+    return original
 
 
 def load_designs(model: SparseModel, ev: Any) -> dict[str, Checkpoint]:
@@ -535,12 +566,20 @@ def git_commit(repo: Path) -> str:
 
 
 def train_metadata(run_dir: Path, ev: Any) -> dict[str, Any]:
-    """{"steps", "train_minutes"}: the config's values, else the run's train_summary.json, else
-    None."""
+    """{"steps", "train_minutes", "stages"}: the config's values, else the run's
+    train_summary.json (steps: of both stages), else None."""
     summary_file = run_dir / TRAIN_SUMMARY
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    return {key: ev[key] if ev[key] is not None else summary.get(key)
-            for key in ("steps", "train_minutes")}
+    stages = summary.get("stages", ["indexer"] if summary else None)
+    steps = summary.get("steps", 0) if "indexer" in (stages or ()) else 0
+    if "distill" in (stages or ()):
+        steps += summary["distill"]["steps"]
+    recorded = {"steps": steps if summary else None, "train_minutes":
+                summary.get("train_minutes")}
+    return {"steps": ev.steps if ev.steps is not None else recorded["steps"],
+            "train_minutes": (ev.train_minutes if ev.train_minutes is not None
+                              else recorded["train_minutes"]),
+            "stages": stages}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -576,9 +615,10 @@ def evaluate(config: Any, progress: bool = True) -> tuple[dict[str, Any], dict[s
     model_config = config.model.copy_and_resolve_references()
     model_config.dtype = ev.dtype or config.model.dtype
     model = load_eval_model(model_config, paths.sparse, backend=ev.backend)
+    full_model = load_original(model_config, model, backend=ev.backend)
     designs = load_designs(model, ev)
     tokenizer = task_tokenizer(model)
-    suite = run_suite(model, tokenizer, ev, progress, designs)
+    suite = run_suite(model, tokenizer, ev, progress, designs, full_model)
     results = {
         "model": model.config.name or config.name,
         "config": config.name,

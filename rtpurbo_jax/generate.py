@@ -54,11 +54,30 @@ def forward(
     key blocks of the sparse heads, summed over layers). Positions past a row's length hold
     padding garbage.
     """
+    hidden, stats = _forward_hidden(params, tokens, lengths, config, backend, sparse, indexer)
+    return lm_logits(params, hidden, config), stats
+
+
+def _forward_hidden(
+    params: Params, tokens: jax.Array, lengths: jax.Array, config: ModelConfig, backend: str,
+    sparse: SparseConfig | None, indexer: Indexer,
+) -> tuple[jax.Array, jax.Array]:
+    """(final normed hidden states [batch, seq, embed], selection stats [2]) of the inference
+    forward pass (no cache)."""
     b, t = tokens.shape
     attend = prefill_attend(config, lengths, backend, sparse, indexer)
-    no_cache = [None] * config.num_layers
-    hidden, states = decoder(params, tokens, _positions(b, t), config, attend, no_cache)
-    return lm_logits(params, hidden, config), _sum_stats(states)
+    hidden, states = decoder(params, tokens, _positions(b, t), config, attend,
+                             [None] * config.num_layers)
+    return hidden, _sum_stats(states)
+
+
+def hidden_states(
+    params: Params, tokens: jax.Array, lengths: jax.Array, config: ModelConfig, backend: str,
+    sparse: SparseConfig | None = None, indexer: Indexer = None,
+) -> jax.Array:
+    """Final normed hidden states [batch, seq, embed] of the inference path (the fast kernels
+    where `backend` allows): stage 2's dense teacher, which needs no gradient."""
+    return _forward_hidden(params, tokens, lengths, config, backend, sparse, indexer)[0]
 
 
 def training_hidden(

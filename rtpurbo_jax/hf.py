@@ -26,8 +26,8 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 # Elements per tensor that enter the weights fingerprint.
 FINGERPRINT_SAMPLES = 65536
 
-# Our per-layer parameter name -> (Hugging Face suffix, how to lay it out).
-_LAYER_MAP = {
+# Our per-layer parameter name -> (Hugging Face suffix, how to lay it out); export.py inverts it.
+LAYER_MAP = {
     "attn_norm": ("input_layernorm.weight", "vector"),
     "wq": ("self_attn.q_proj.weight", "in_heads"),
     "wk": ("self_attn.k_proj.weight", "in_kv_heads"),
@@ -141,7 +141,7 @@ def convert_state_dict(
         params["lm_head"] = take("lm_head.weight", "transpose", shapes["lm_head"])
     for i, layer_shapes in enumerate(shapes["layers"]):
         params["layers"].append({
-            name: take(f"model.layers.{i}.{_LAYER_MAP[name][0]}", _LAYER_MAP[name][1], shape)
+            name: take(f"model.layers.{i}.{LAYER_MAP[name][0]}", LAYER_MAP[name][1], shape)
             for name, shape in layer_shapes.items()
         })
     unexpected = sorted(n for n in tensors if n not in used and not _IGNORED.match(n))
@@ -176,7 +176,12 @@ def weights_fingerprint(tensors: Mapping[str, np.ndarray]) -> str:
 
 
 def read_safetensors_dir(directory: Path) -> dict[str, np.ndarray]:
-    """All tensors of a directory's `*.safetensors` (single file or sharded with an index)."""
+    """All tensors of a directory's weights: model.safetensors, shards named by
+    model.safetensors.index.json, or else every `*.safetensors`.
+
+    Naming the files keeps other safetensors beside the weights (an exported model's
+    indexer.safetensors) out of the model.
+    """
     from safetensors import safe_open
 
     index = directory / "model.safetensors.index.json"
@@ -186,6 +191,8 @@ def read_safetensors_dir(directory: Path) -> dict[str, np.ndarray]:
         missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{index} names shard files that are missing: {missing}")
+    elif (directory / "model.safetensors").exists():
+        files = [directory / "model.safetensors"]
     else:
         files = sorted(directory.glob("*.safetensors"))
     if not files:

@@ -48,17 +48,98 @@ def _check_args(teacher_hidden: jax.Array, student_hidden: jax.Array, lengths: j
                          f"{lengths.shape}")
 
 
-def _position_kl(teacher_logits: jax.Array, student_logits: jax.Array, loss: str,
-                 top_k: int) -> jax.Array:
-    """teacher_logits, student_logits: [..., vocab] float32 -> KL(teacher || student) [...]."""
-    if loss == "top_k":
-        teacher_logits, ids = jax.lax.top_k(teacher_logits, top_k)
-        student_logits = jnp.take_along_axis(student_logits, ids, axis=-1)
-    log_teacher = jax.nn.log_softmax(teacher_logits, axis=-1)
-    log_student = jax.nn.log_softmax(student_logits, axis=-1)
-    # log_softmax of finite logits is finite, so a teacher probability that underflows to 0
-    # contributes 0 * finite = 0: no masking needed.
+def _chunks(t: int) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+    """(chunk, number of chunks, the [batch, seq, ...] padding to a whole number of them)."""
+    chunk = min(DISTILL_CHUNK, t)
+    num_chunks = -(-t // chunk)
+    return chunk, num_chunks, ((0, 0), (0, num_chunks * chunk - t))
+
+
+def _chunk_rows(x: jax.Array, c: jax.Array, chunk: int, lengths: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+    """(chunk c of padded x [batch, chunks * chunk, ...] with invalid rows zeroed, valid [b,
+    chunk]). Zeroing keeps garbage past a row's length (even inf) out of the loss and its
+    gradient."""
+    valid = (c * chunk + jnp.arange(chunk))[None, :] < lengths[:, None]
+    rows = jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, 1)
+    return jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 2)), rows, 0), valid
+
+
+def _kl(log_teacher: jax.Array, log_student: jax.Array) -> jax.Array:
+    """KL(teacher || student) over the last axis, from log-probabilities. log_softmax of finite
+    logits is finite, so a teacher probability that underflows to 0 contributes 0."""
     return jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), axis=-1)
+
+
+def teacher_top_k(teacher_params: Any, teacher_hidden: jax.Array, lengths: jax.Array,
+                  config: ModelConfig, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """The teacher's top_k logits and their vocabulary ids at every position: ([batch, seq, k]
+    float32, [batch, seq, k] int32), made a chunk of positions at a time; zeros past each
+    row's length. Small enough to cache ([seq, k] per row)."""
+    b, t, _ = teacher_hidden.shape
+    chunk, num_chunks, pad = _chunks(t)
+    hidden = jnp.pad(jax.lax.stop_gradient(teacher_hidden), pad + ((0, 0),))
+
+    def one_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array]:
+        rows, valid = _chunk_rows(hidden, c, chunk, lengths)
+        values, ids = jax.lax.top_k(lm_logits(teacher_params, rows, config), top_k)
+        keep = valid[:, :, None]
+        return jnp.where(keep, values, 0.0), jnp.where(keep, ids, 0).astype(jnp.int32)
+
+    values, ids = jax.lax.map(one_chunk, jnp.arange(num_chunks))  # [chunks, b, chunk, k]
+
+    def unchunk(x: jax.Array) -> jax.Array:
+        return jnp.moveaxis(x, 0, 1).reshape(b, num_chunks * chunk, top_k)[:, :t]
+
+    return jax.lax.stop_gradient(unchunk(values)), unchunk(ids)
+
+
+def top_k_loss(params: Any, student_hidden: jax.Array, teacher_values: jax.Array,
+               teacher_ids: jax.Array, lengths: jax.Array, config: ModelConfig) -> jax.Array:
+    """Mean over valid positions of KL(softmax(teacher_values) || softmax(the student's logits
+    at teacher_ids)); teacher_values, teacher_ids: [batch, seq, k] from `teacher_top_k` (live
+    or cached). Each chunk runs under jax.checkpoint: the backward pass recomputes its [chunk,
+    vocab] logits instead of keeping them."""
+    t = student_hidden.shape[1]
+    chunk, num_chunks, pad = _chunks(t)
+    student = jnp.pad(student_hidden, pad + ((0, 0),))
+    values = jnp.pad(jax.lax.stop_gradient(teacher_values), pad + ((0, 0),))
+    ids = jnp.pad(teacher_ids, pad + ((0, 0),))
+
+    @jax.checkpoint
+    def one_chunk(c: jax.Array) -> jax.Array:
+        """Chunk index -> [summed KL over its valid positions, number of valid positions]."""
+        rows, valid = _chunk_rows(student, c, chunk, lengths)
+        chosen = jnp.take_along_axis(lm_logits(params, rows, config),
+                                     jax.lax.dynamic_slice_in_dim(ids, c * chunk, chunk, 1), -1)
+        target = jax.lax.dynamic_slice_in_dim(values, c * chunk, chunk, 1)
+        kl = _kl(jax.nn.log_softmax(target, -1), jax.nn.log_softmax(chosen, -1))
+        return jnp.stack([jnp.sum(jnp.where(valid, kl, 0.0)), valid.sum().astype(jnp.float32)])
+
+    totals = jax.lax.map(one_chunk, jnp.arange(num_chunks)).sum(axis=0)
+    return totals[0] / jnp.maximum(totals[1], 1.0)
+
+
+def full_loss(params: Any, teacher_params: Any, teacher_hidden: jax.Array,
+              student_hidden: jax.Array, lengths: jax.Array, config: ModelConfig) -> jax.Array:
+    """Mean over valid positions of KL(teacher || student) over the whole vocabulary, a chunk of
+    positions at a time (each under jax.checkpoint)."""
+    t = teacher_hidden.shape[1]
+    chunk, num_chunks, pad = _chunks(t)
+    teacher = jnp.pad(jax.lax.stop_gradient(teacher_hidden), pad + ((0, 0),))
+    student = jnp.pad(student_hidden, pad + ((0, 0),))
+
+    @jax.checkpoint
+    def one_chunk(c: jax.Array) -> jax.Array:
+        th, valid = _chunk_rows(teacher, c, chunk, lengths)
+        sh, _ = _chunk_rows(student, c, chunk, lengths)
+        teacher_logits = jax.lax.stop_gradient(lm_logits(teacher_params, th, config))
+        kl = _kl(jax.nn.log_softmax(teacher_logits, -1),
+                 jax.nn.log_softmax(lm_logits(params, sh, config), -1))
+        return jnp.stack([jnp.sum(jnp.where(valid, kl, 0.0)), valid.sum().astype(jnp.float32)])
+
+    totals = jax.lax.map(one_chunk, jnp.arange(num_chunks)).sum(axis=0)
+    return totals[0] / jnp.maximum(totals[1], 1.0)
 
 
 def distillation_loss(
@@ -78,64 +159,13 @@ def distillation_loss(
     original weights whose LM head makes the teacher's logits (default: params, right while the
     head does not train, e.g. at the first step or with adapters elsewhere).
     teacher_hidden, student_hidden: [batch, seq, embed] final normed hidden states of the dense
-    and the sparse run; lengths:
-    [batch] int (right padding: positions >= length are ignored, whatever they hold). Returns a
-    float32 scalar (0 when no position is valid).
-
-    The teacher's logits are stop_gradient'ed, so gradients reach student_hidden and params via
-    the student's logits only; teacher_hidden gets exactly zero. Each chunk of positions runs
-    under jax.checkpoint, so the backward pass recomputes its logits instead of keeping
-    [seq, vocab] of them.
+    and the sparse run; lengths: [batch] int (right padding: positions >= length are ignored,
+    whatever they hold). Returns a float32 scalar (0 when no position is valid). Gradients reach
+    student_hidden and params via the student's logits only; teacher_hidden gets exactly zero.
     """
     _check_args(teacher_hidden, student_hidden, lengths, config, loss, top_k)
     teacher = params if teacher_params is None else teacher_params
-    t = teacher_hidden.shape[1]
-    chunk = min(DISTILL_CHUNK, t)
-    num_chunks = -(-t // chunk)
-    pad = ((0, 0), (0, num_chunks * chunk - t), (0, 0))
-    teacher_pad = jnp.pad(teacher_hidden, pad)
-    student_pad = jnp.pad(student_hidden, pad)
-
-    @jax.checkpoint
-    def one_chunk(c: jax.Array) -> jax.Array:
-        """Chunk index -> [summed KL over its valid positions, number of valid positions]."""
-        pos = c * chunk + jnp.arange(chunk)
-        valid = pos[None, :] < lengths[:, None]  # [b, chunk]
-        # Padded rows are zeroed before the LM head, so garbage there (even inf) can neither
-        # reach the loss nor turn its gradient into NaN through the masked branch.
-        keep = valid[:, :, None]
-        th = jnp.where(keep, jax.lax.dynamic_slice_in_dim(teacher_pad, c * chunk, chunk, 1), 0)
-        sh = jnp.where(keep, jax.lax.dynamic_slice_in_dim(student_pad, c * chunk, chunk, 1), 0)
-        teacher_logits = jax.lax.stop_gradient(lm_logits(teacher, th, config))
-        kl = _position_kl(teacher_logits, lm_logits(params, sh, config), loss, top_k)
-        # Zeroed rows already give KL 0 (identical sides); the mask keeps that explicit.
-        return jnp.stack([jnp.sum(jnp.where(valid, kl, 0.0)), valid.sum().astype(jnp.float32)])
-
-    totals = jax.lax.map(one_chunk, jnp.arange(num_chunks)).sum(axis=0)
-    return totals[0] / jnp.maximum(totals[1], 1.0)
-
-
-def stage2_loss(
-    params: Any,
-    teacher_params: Any,
-    tokens: jax.Array,
-    lengths: jax.Array,
-    config: ModelConfig,
-    sparse: Any,
-    indexer: Any,
-    *,
-    loss: str = "top_k",
-    top_k: int = DEFAULT_TOP_K,
-) -> jax.Array:
-    """Stage 2 on a batch: the frozen original weights run dense (the teacher), the training
-    weights run sparse as decode would (`generate.training_hidden`, the student), and the KL
-    between their next-token distributions. tokens: [batch, seq] right-padded; lengths: [batch].
-    Gradients reach `params` only; the indexer stays frozen."""
-    from rtpurbo_jax.generate import training_hidden
-
-    teacher_hidden = jax.lax.stop_gradient(training_hidden(teacher_params, tokens, lengths,
-                                                           config))
-    student_hidden = training_hidden(params, tokens, lengths, config, sparse,
-                                     jax.lax.stop_gradient(indexer))
-    return distillation_loss(params, teacher_hidden, student_hidden, lengths, config,
-                             loss=loss, top_k=top_k, teacher_params=teacher_params)
+    if loss == "full":
+        return full_loss(params, teacher, teacher_hidden, student_hidden, lengths, config)
+    values, ids = teacher_top_k(teacher, teacher_hidden, lengths, config, top_k)
+    return top_k_loss(params, student_hidden, values, ids, lengths, config)

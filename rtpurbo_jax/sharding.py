@@ -26,6 +26,7 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     "heads": None,
     "kv_heads": None,
     "head_dim": None,
+    "lora_rank": None,
 }
 
 
