@@ -226,13 +226,17 @@ def train_attend(
     at every position (`paper_attention.layer_train`); the indexer design and a dense model run
     their prefill. Layer states are unused (None)."""
 
+    def layer(i: int, qkv: QKV, lengths: jax.Array, layer_indexer: Any) -> jax.Array:
+        if _is_paper(sparse):
+            return paper_attention.layer_train(qkv, lengths, i, config, sparse, layer_indexer)
+        return layer_prefill(qkv.q, qkv.k, qkv.v, lengths, i, config, sparse, layer_indexer,
+                             "reference")[0]
+
     def attend(i: int, qkv: QKV, state: Any):
         layer_indexer = indexer["layers"][i] if indexer is not None else {}
-        if _is_paper(sparse):
-            return paper_attention.layer_train(qkv, lengths, i, config, sparse,
-                                               layer_indexer), None
-        out, _, _ = layer_prefill(qkv.q, qkv.k, qkv.v, lengths, i, config, sparse,
-                                  layer_indexer, "reference")
+        # Rematerialised: the backward pass recomputes a layer's attention probabilities
+        # ([batch, heads, seq, seq] on the reference path) instead of keeping every layer's.
+        out = jax.checkpoint(layer, static_argnums=(0,))(i, qkv, lengths, layer_indexer)
         return out, None
 
     return attend
