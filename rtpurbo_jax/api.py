@@ -13,6 +13,7 @@ import numpy as np
 from rtpurbo_jax import generate as gen
 from rtpurbo_jax.assets import DEFAULT_MODEL_NAME, default_model_path
 from rtpurbo_jax.attention import check_backend
+from rtpurbo_jax.buckets import bucket, check_buckets, default_buckets, generate_shape, pad_columns
 from rtpurbo_jax.checkpoint import (
     SparseCheckpointError,
     export_safetensors,
@@ -71,7 +72,10 @@ class SparseModel:
 
     Attributes: config (ModelConfig), params (a plain pytree), tokenizer (transformers tokenizer
     or None), fingerprint (of the base weights), backend ("reference" | "pallas" | "auto"),
-    sparse (SparseConfig or None: dense) and indexer (the indexer params pytree or None).
+    sparse (SparseConfig or None: dense), indexer (the indexer params pytree or None) and
+    buckets (`rtpurbo_jax.buckets`: the sorted lengths that prompts are padded up to and
+    max_new_tokens rounded up to, so that a call whose buckets were seen compiles nothing; None
+    gives `default_buckets` of the context, () turns bucketing off).
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class SparseModel:
         backend: str = "auto",
         sparse: SparseConfig | None = None,
         indexer: dict[str, Any] | None = None,
+        buckets: Sequence[int] | None = None,
     ) -> None:
         check_backend(backend)
         if sparse is not None:
@@ -96,6 +101,8 @@ class SparseModel:
         self.backend = backend
         self.sparse = sparse
         self.indexer = indexer
+        self.buckets = check_buckets(
+            default_buckets(config.max_position_embeddings) if buckets is None else buckets)
 
     def with_sparse(
         self, sparse: SparseConfig | None, indexer: dict[str, Any] | None = None
@@ -103,7 +110,8 @@ class SparseModel:
         """The same base model with another sparse configuration (None: dense)."""
         indexer = self.indexer if indexer is None else indexer
         return SparseModel(self.config, self.params, self.tokenizer, self.fingerprint,
-                           self.backend, sparse, indexer if sparse is not None else None)
+                           self.backend, sparse, indexer if sparse is not None else None,
+                           self.buckets)
 
     def save_sparse(self, path: str | os.PathLike[str], safetensors: bool = False) -> None:
         """Writes the sparse checkpoint (Orbax, or safetensors + JSON for other frameworks)."""
@@ -124,13 +132,16 @@ class SparseModel:
         """Logits [batch, seq, vocab] (float32) of a right-padded batch; see `right_pad`.
 
         With attention_mask the rows are re-aligned to start at position 0, so logit i of a row is
-        that of its i-th real token.
+        that of its i-th real token. The batch runs padded to its bucket (`buckets`).
         """
         tokens, lengths = right_pad(input_ids, lengths, attention_mask)
-        self._check_length(tokens.shape[1])
-        logits, _ = gen.forward(self.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                self.config, self.backend, self.sparse, self.indexer)
-        return logits
+        seq = tokens.shape[1]
+        self._check_length(seq)
+        width = min(bucket(seq, self.buckets), self.config.max_position_embeddings)
+        logits, _ = gen.forward(self.params, jnp.asarray(pad_columns(tokens, width)),
+                                jnp.asarray(lengths), self.config, self.backend, self.sparse,
+                                self.indexer)
+        return logits if width == seq else logits[:, :seq]
 
     def generate(
         self,
@@ -149,12 +160,18 @@ class SparseModel:
         """New tokens [batch, max_new_tokens]: per row up to and including EOS, then pad_token_id.
 
         Greedy by default; temperature > 0 samples (optionally top-k / top-p) with `seed`.
-        eos_token_id defaults to the config's; pass () to never stop early.
+        eos_token_id defaults to the config's; pass () to never stop early. The batch runs with
+        its prompt padded to its bucket and room for max_new_tokens rounded up to its bucket
+        (`buckets`); the steps themselves stop at max_new_tokens.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         tokens, lengths = right_pad(input_ids, lengths, attention_mask)
-        self._check_length(tokens.shape[1] + max_new_tokens)
+        prompt_len = int(lengths.max())  # columns past every row's length are padding
+        self._check_length(prompt_len + max_new_tokens)
+        width, capacity = generate_shape(prompt_len, max_new_tokens, self.buckets,
+                                         self.config.max_position_embeddings)
+        tokens = pad_columns(tokens[:, :prompt_len], width)
         if eos_token_id is None:
             eos = self.config.eos_token_ids
         else:
@@ -163,10 +180,11 @@ class SparseModel:
         sampling = gen.SamplingConfig(temperature, top_k, top_p)
         out, _ = gen.generate(
             self.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
-            config=self.config, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos,
-            pad_id=pad, backend=self.backend, sparse=self.sparse, indexer=self.indexer,
+            np.int32(max_new_tokens), config=self.config, max_new_tokens=capacity,
+            sampling=sampling, eos_ids=eos, pad_id=pad, backend=self.backend,
+            sparse=self.sparse, indexer=self.indexer,
         )
-        return np.asarray(out)
+        return np.asarray(out)[:, :max_new_tokens]
 
 
 def load(
@@ -176,20 +194,22 @@ def load(
     dtype: Any = jnp.float32,
     backend: str = "auto",
     with_tokenizer: bool = True,
+    buckets: Sequence[int] | None = None,
 ) -> SparseModel:
     """Loads a model, dense or (with `sparse`, a sparse checkpoint directory) RTPurbo-sparse.
 
     source: a Hugging Face hub id ("org/name"), a local directory with config.json and
     *.safetensors (sharded with an index too), a .gguf file, or None for the embedded default
     model (SmolLM2-135M-Instruct, fetched once into the cache directory). A sparse checkpoint
-    made for another base model is refused.
+    made for another base model is refused. buckets: see `SparseModel` (None: the default
+    ladder, (): off).
     """
     check_backend(backend)
     name = None
     if source is None:
         source, name = default_model_path(), DEFAULT_MODEL_NAME
     config, params, tokenizer, fingerprint = load_checkpoint(source, dtype, with_tokenizer, name)
-    model = SparseModel(config, params, tokenizer, fingerprint, backend)
+    model = SparseModel(config, params, tokenizer, fingerprint, backend, buckets=buckets)
     if sparse is None:
         return model
     sparse_config, indexer, base = load_sparse(sparse)
