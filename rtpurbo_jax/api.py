@@ -15,6 +15,7 @@ import numpy as np
 from rtpurbo_jax import generate as gen
 from rtpurbo_jax.assets import DEFAULT_MODEL_NAME, default_model_path
 from rtpurbo_jax.attention import check_backend
+from rtpurbo_jax.buckets import bucket, check_buckets, default_buckets, generate_shape, pad_columns
 from rtpurbo_jax.checkpoint import (
     CONFIG_FILE,
     check_base,
@@ -75,8 +76,11 @@ class SparseModel:
 
     Attributes: config (ModelConfig), params (a plain pytree), tokenizer (transformers tokenizer
     or None), fingerprint (of the base weights), backend ("reference" | "pallas" | "auto"),
-    sparse (SparseConfig or None: dense), indexer (the indexer params pytree or None) and origin
-    (a stage-2 model's rtpurbo.json: the base it was fine-tuned from, stages, steps; else None).
+    sparse (SparseConfig or None: dense), indexer (the indexer params pytree or None), origin
+    (a stage-2 model's rtpurbo.json: the base it was fine-tuned from, stages, steps; else None)
+    and buckets (`rtpurbo_jax.buckets`: the sorted lengths that prompts are padded up to and
+    max_new_tokens rounded up to, so that a call whose buckets were seen compiles nothing; None
+    gives `default_buckets` of the context, () turns bucketing off).
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class SparseModel:
         sparse: SparseConfig | None = None,
         indexer: dict[str, Any] | None = None,
         origin: dict[str, Any] | None = None,
+        buckets: Sequence[int] | None = None,
     ) -> None:
         check_backend(backend)
         if sparse is not None:
@@ -103,6 +108,8 @@ class SparseModel:
         self.sparse = sparse
         self.indexer = indexer
         self.origin = origin
+        self.buckets = check_buckets(
+            default_buckets(config.max_position_embeddings) if buckets is None else buckets)
 
     def with_sparse(
         self, sparse: SparseConfig | None, indexer: dict[str, Any] | None = None
@@ -111,7 +118,7 @@ class SparseModel:
         indexer = self.indexer if indexer is None else indexer
         return SparseModel(self.config, self.params, self.tokenizer, self.fingerprint,
                            self.backend, sparse, indexer if sparse is not None else None,
-                           origin=self.origin)
+                           origin=self.origin, buckets=self.buckets)
 
     def save_sparse(self, path: str | os.PathLike[str], safetensors: bool = False) -> None:
         """Writes the sparse checkpoint (Orbax, or safetensors + JSON for other frameworks)."""
@@ -132,13 +139,16 @@ class SparseModel:
         """Logits [batch, seq, vocab] (float32) of a right-padded batch; see `right_pad`.
 
         With attention_mask the rows are re-aligned to start at position 0, so logit i of a row is
-        that of its i-th real token.
+        that of its i-th real token. The batch runs padded to its bucket (`buckets`).
         """
         tokens, lengths = right_pad(input_ids, lengths, attention_mask)
-        self._check_length(tokens.shape[1])
-        logits, _ = gen.forward(self.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                self.config, self.backend, self.sparse, self.indexer)
-        return logits
+        seq = tokens.shape[1]
+        self._check_length(seq)
+        width = min(bucket(seq, self.buckets), self.config.max_position_embeddings)
+        logits, _ = gen.forward(self.params, jnp.asarray(pad_columns(tokens, width)),
+                                jnp.asarray(lengths), self.config, self.backend, self.sparse,
+                                self.indexer)
+        return logits if width == seq else logits[:, :seq]
 
     def generate(
         self,
@@ -157,12 +167,18 @@ class SparseModel:
         """New tokens [batch, max_new_tokens]: per row up to and including EOS, then pad_token_id.
 
         Greedy by default; temperature > 0 samples (optionally top-k / top-p) with `seed`.
-        eos_token_id defaults to the config's; pass () to never stop early.
+        eos_token_id defaults to the config's; pass () to never stop early. The batch runs with
+        its prompt padded to its bucket and room for max_new_tokens rounded up to its bucket
+        (`buckets`); the steps themselves stop at max_new_tokens.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         tokens, lengths = right_pad(input_ids, lengths, attention_mask)
-        self._check_length(tokens.shape[1] + max_new_tokens)
+        prompt_len = int(lengths.max())  # columns past every row's length are padding
+        self._check_length(prompt_len + max_new_tokens)
+        width, capacity = generate_shape(prompt_len, max_new_tokens, self.buckets,
+                                         self.config.max_position_embeddings)
+        tokens = pad_columns(tokens[:, :prompt_len], width)
         if eos_token_id is None:
             eos = self.config.eos_token_ids
         else:
@@ -171,10 +187,11 @@ class SparseModel:
         sampling = gen.SamplingConfig(temperature, top_k, top_p)
         out, _ = gen.generate(
             self.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
-            config=self.config, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos,
-            pad_id=pad, backend=self.backend, sparse=self.sparse, indexer=self.indexer,
+            np.int32(max_new_tokens), config=self.config, max_new_tokens=capacity,
+            sampling=sampling, eos_ids=eos, pad_id=pad, backend=self.backend,
+            sparse=self.sparse, indexer=self.indexer,
         )
-        return np.asarray(out)
+        return np.asarray(out)[:, :max_new_tokens]
 
 
 def load(
@@ -185,6 +202,7 @@ def load(
     dtype: Any = jnp.float32,
     backend: str = "auto",
     with_tokenizer: bool = True,
+    buckets: Sequence[int] | None = None,
 ) -> SparseModel:
     """Loads a model, dense or (with `sparse`, a sparse checkpoint directory) RTPurbo-sparse.
 
@@ -195,6 +213,7 @@ def load(
     it unless `sparse` names another checkpoint or `dense=True` asks for the weights alone.
     A sparse checkpoint made for other weights is refused; one of a fine-tuned (stage-2) model
     given with the model it was fine-tuned from is refused with a pointer to the fine-tuned one.
+    buckets: see `SparseModel` (None: the default ladder, (): off).
     """
     check_backend(backend)
     if dense and sparse is not None:
@@ -207,7 +226,8 @@ def load(
     config, params, tokenizer, fingerprint = load_checkpoint(source, dtype, with_tokenizer, name)
     origin_file = Path(source).expanduser() / ORIGIN_FILE
     origin = json.loads(origin_file.read_text()) if origin_file.is_file() else None
-    model = SparseModel(config, params, tokenizer, fingerprint, backend, origin=origin)
+    model = SparseModel(config, params, tokenizer, fingerprint, backend, origin=origin,
+                        buckets=buckets)
     if sparse is None:
         return model
     sparse_config, indexer, base = load_sparse(sparse)

@@ -173,6 +173,7 @@ def generate(
     tokens: jax.Array,
     lengths: jax.Array,
     key: jax.Array,
+    new_tokens: jax.Array | None = None,
     *,
     config: ModelConfig,
     max_new_tokens: int,
@@ -185,19 +186,23 @@ def generate(
 ) -> tuple[jax.Array, jax.Array]:
     """Generates up to max_new_tokens per row after a right-padded prompt.
 
-    tokens: [batch, prompt_len]; lengths: [batch]. Returns ([batch, max_new_tokens] int32: each
-    row's new tokens, its end-of-sequence token included, then pad_id; selection stats [2, 2]:
-    the prompt's (row 0) and the decode steps' summed (row 1), each [attended, candidates]).
+    tokens: [batch, prompt_len]; lengths: [batch]. new_tokens: an int32 scalar <= max_new_tokens,
+    the steps to run (None: max_new_tokens). Traced, so one compiled program serves every
+    new_tokens up to its capacity max_new_tokens (the static output and cache size).
+    Returns ([batch, max_new_tokens] int32: each row's new tokens, its end-of-sequence token
+    included, then pad_id; selection stats [2, 2]: the prompt's (row 0) and the decode steps'
+    summed (row 1), each [attended, candidates]).
     """
     b, t = tokens.shape
     logits, cache, stats = prefill(params, tokens, lengths, config, t + max_new_tokens, backend,
                                    sparse, indexer)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+    steps = max_new_tokens if new_tokens is None else jnp.minimum(new_tokens, max_new_tokens)
 
     def cond(carry):
         step, _, _, _, done, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
+        return (step < steps) & ~jnp.all(done)
 
     def body(carry):
         step, logits, cache, out, done, decode_stats = carry

@@ -16,7 +16,8 @@ SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))
 
 
 def test_every_benchmark_is_covered():
-    assert SCRIPTS == ["bench_kernels.py", "bench_layer.py", "bench_local.py", "kv_bytes.py"]
+    assert SCRIPTS == ["bench_generate.py", "bench_kernels.py", "bench_layer.py", "bench_local.py",
+                       "kv_bytes.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -1,0 +1,154 @@
+"""What a new prompt length costs `SparseModel.generate`: the first call (compiles), a prompt of
+another length in the same bucket (must not compile), a repeat, and another max_new_tokens.
+
+Run from the repository root (the default model, fetched once; any device):
+
+    PYTHONPATH=. python3 benchmarks/bench_generate.py --out-dir benchmarks/results
+
+    options: --source (hub id, directory, .gguf; default the embedded model)  --sparse DIR
+             --prompt-lens 300,400,400,400  --max-new-tokens 64,64,64,48  --batch 1
+             --dtype float32
+
+Smoke run (CPU, a tiny random model, no downloads, < 60 s; asserts that only the first call
+compiles; writes to a temp dir unless --out-dir is given):
+
+    PYTHONPATH=. JAX_PLATFORMS=cpu python3 benchmarks/bench_generate.py --smoke
+
+Calls, in order: "first", "same_bucket" (another prompt length in the first one's bucket),
+"repeat" (the same_bucket call again), "new_tokens" (the same prompt, another max_new_tokens in
+the same bucket of new tokens). Each is one `model.generate` of a batch of random prompt
+tokens, greedy, with no end-of-sequence token so every call runs all its steps. Rows: {call,
+prompt_len, bucket, max_new_tokens, capacity, seconds (wall clock, output on the host),
+compiled (whether `generate` compiled), compiles (every XLA program compiled during the call,
+by name)}. Results: OUT_DIR/generate_<device tag>.json with the device, jax version and commit
+($COMMIT when set, else `git rev-parse HEAD`); a table prints last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.bench_kernels import git_commit, log
+from benchmarks.bench_local import device_tag
+from rtpurbo_jax.api import SparseModel, load
+from rtpurbo_jax.buckets import generate_shape
+from rtpurbo_jax.compiles import count_compiles
+from rtpurbo_jax.config import ModelConfig
+from rtpurbo_jax.model import init_params
+
+CALLS = ("first", "same_bucket", "repeat", "new_tokens")
+PROMPT_LENS = [300, 400, 400, 400]  # 300 and 400 share the default ladder's 512 bucket
+MAX_NEW_TOKENS = [64, 64, 64, 48]  # the CLI's default, then another count in its bucket
+SMOKE_PROMPT_LENS = [20, 40, 40, 40]
+SMOKE_MAX_NEW_TOKENS = [8, 8, 8, 6]
+# A tests/tiny.py-sized model: the smoke run compiles in seconds.
+SMOKE_CONFIG = ModelConfig(family="llama", vocab_size=96, hidden_size=64, intermediate_size=96,
+                           num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                           max_position_embeddings=256, eos_token_ids=(1,), name="tiny-random")
+GENERATE_PROGRAM = "jit(generate)"  # the jitted function's name in compile events
+SEED = 0
+
+
+def build_model(args: argparse.Namespace) -> SparseModel:
+    if args.smoke:
+        params = init_params(SMOKE_CONFIG, jax.random.key(SEED), jnp.dtype(args.dtype))
+        return SparseModel(SMOKE_CONFIG, params)
+    return load(args.source, sparse=args.sparse, dtype=jnp.dtype(args.dtype),
+                with_tokenizer=False)
+
+
+def timed_call(model: SparseModel, call: str, prompt_len: int, max_new_tokens: int,
+               batch: int) -> dict:
+    """One generate call on random prompt tokens -> its result row."""
+    rng = np.random.default_rng(prompt_len)
+    prompts = rng.integers(0, model.config.vocab_size, (batch, prompt_len), dtype=np.int32)
+    width, capacity = generate_shape(prompt_len, max_new_tokens, model.buckets,
+                                     model.config.max_position_embeddings)
+    with count_compiles() as compiles:
+        start = time.perf_counter()
+        model.generate(prompts, max_new_tokens, eos_token_id=())
+        seconds = time.perf_counter() - start
+    return {"call": call, "prompt_len": prompt_len, "bucket": width,
+            "max_new_tokens": max_new_tokens, "capacity": capacity, "seconds": seconds,
+            "compiled": compiles[GENERATE_PROGRAM] > 0, "compiles": dict(compiles)}
+
+
+def print_table(rows: list[dict]) -> None:
+    log("\ncall         prompt bucket  new  cap   seconds  compiled")
+    for r in rows:
+        log(f"{r['call']:<12} {r['prompt_len']:>6} {r['bucket']:>6} {r['max_new_tokens']:>4} "
+            f"{r['capacity']:>4} {r['seconds']:>9.3f}  {r['compiled']}")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    def ints(s):
+        return [int(x) for x in s.split(",") if x]
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny random model on CPU; asserts that only the first call compiles")
+    p.add_argument("--out-dir", default=None,
+                   help="default benchmarks/results (--smoke: a fresh temp dir)")
+    p.add_argument("--source", default=None, help="default: the embedded default model")
+    p.add_argument("--sparse", default=None, help="a sparse checkpoint directory")
+    p.add_argument("--prompt-lens", type=ints, default=None,
+                   help=f"one per call {CALLS}; default {PROMPT_LENS}")
+    p.add_argument("--max-new-tokens", type=ints, default=None,
+                   help=f"one per call; default {MAX_NEW_TOKENS}")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = p.parse_args(argv)
+    if args.prompt_lens is None:
+        args.prompt_lens = SMOKE_PROMPT_LENS if args.smoke else PROMPT_LENS
+    if args.max_new_tokens is None:
+        args.max_new_tokens = SMOKE_MAX_NEW_TOKENS if args.smoke else MAX_NEW_TOKENS
+    if not len(args.prompt_lens) == len(args.max_new_tokens) == len(CALLS):
+        p.error(f"--prompt-lens and --max-new-tokens need one value per call {CALLS}")
+    if args.out_dir is None:
+        args.out_dir = (tempfile.mkdtemp(prefix="bench_generate_") if args.smoke
+                        else "benchmarks/results")
+    return args
+
+
+def main(argv: Sequence[str]) -> None:
+    args = parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", None) or device.platform
+    model = build_model(args)
+    result = {
+        "device": kind, "jax_version": jax.__version__, "commit": git_commit(),
+        "config": {"smoke": args.smoke, "model": model.config.name, "sparse": args.sparse,
+                   "design": model.sparse.design if model.sparse else None,
+                   "backend": model.backend, "buckets": list(model.buckets),
+                   "batch": args.batch, "dtype": args.dtype},
+        "rows": [],
+    }
+    path = os.path.join(args.out_dir, f"generate_{device_tag(kind)}.json")
+    log(f"{kind} jax {jax.__version__} commit {result['commit']} -> {path}")
+    for call, prompt_len, new in zip(CALLS, args.prompt_lens, args.max_new_tokens, strict=True):
+        row = timed_call(model, call, prompt_len, new, args.batch)
+        result["rows"].append(row)
+        log(f"{call}: {prompt_len} tokens (bucket {row['bucket']}), {row['seconds']:.3f} s, "
+            f"compiles {row['compiles']}")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    print_table(result["rows"])
+    if args.smoke:
+        compiled = [r["compiled"] for r in result["rows"]]
+        assert compiled == [True, False, False, False], result["rows"]
+        log(f"smoke ok: {len(result['rows'])} rows in {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

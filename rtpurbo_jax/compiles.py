@@ -1,0 +1,35 @@
+"""Counting XLA compilations, to check that shape buckets work and to time first calls.
+
+JAX records every backend compilation as a duration event named BACKEND_COMPILE_EVENT with the
+jitted function's name ("jit(generate)"); `jax.monitoring` listeners see it on jax 0.10 and
+0.11 alike, where `jit(...)._cache_size()` is private API and jax.log_compiles only logs.
+A compile served by JAX's persistent compilation cache is still counted (it is still an event).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Iterator
+
+import jax
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def count_compiles() -> Iterator[collections.Counter[str]]:
+    """Yields a Counter, filled while the block runs: compilations per jitted function name
+    (e.g. "jit(generate)"), every program compiled in the block, small eager ops included."""
+    counts: collections.Counter[str] = collections.Counter()
+
+    def listener(event: str, duration: float, **kwargs: str | int) -> None:
+        del duration  # only whether it happened
+        if event == BACKEND_COMPILE_EVENT:
+            counts[str(kwargs.get("fun_name", "?"))] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
