@@ -32,6 +32,7 @@ from rtpurbo_jax.selection import (
     selection_stats,
     use_pallas,
 )
+from rtpurbo_jax.train_attention import block_list_attention, causal_attention
 
 BACKENDS = ("reference", "pallas", "auto")
 
@@ -221,22 +222,46 @@ def train_attend(
     config: ModelConfig, lengths: jax.Array, sparse: SparseConfig | None = None,
     indexer: dict[str, Any] | None = None,
 ) -> AttendFn:
-    """An `attend` for training (stage 2's student, or the dense teacher), on the reference
-    path so gradients flow through it: the paper design's retrieval heads attend as decode does
-    at every position (`paper_attention.layer_train`); the indexer design and a dense model run
-    their prefill. Layer states are unused (None)."""
-
-    def layer(i: int, qkv: QKV, lengths: jax.Array, layer_indexer: Any) -> jax.Array:
-        if _is_paper(sparse):
-            return paper_attention.layer_train(qkv, lengths, i, config, sparse, layer_indexer)
-        return layer_prefill(qkv.q, qkv.k, qkv.v, lengths, i, config, sparse, layer_indexer,
-                             "reference")[0]
+    """An `attend` for training (stage 2's student, or a dense model), differentiable and
+    memory-bounded in both passes (`train_attention`): the paper design's retrieval heads attend
+    as decode does at every position (`paper_attention.layer_train`); the indexer design's
+    sparse groups attend their prefill selection (frozen), its dense groups and a dense model
+    attend causally. Layer states are unused (None)."""
 
     def attend(i: int, qkv: QKV, state: Any):
         layer_indexer = indexer["layers"][i] if indexer is not None else {}
-        # Rematerialised: the backward pass recomputes a layer's attention probabilities
-        # ([batch, heads, seq, seq] on the reference path) instead of keeping every layer's.
-        out = jax.checkpoint(layer, static_argnums=(0,))(i, qkv, lengths, layer_indexer)
-        return out, None
+        if _is_paper(sparse):
+            return paper_attention.layer_train(qkv, lengths, i, config, sparse,
+                                               layer_indexer), None
+        return indexer_layer_train(qkv, lengths, i, config, sparse, layer_indexer), None
 
     return attend
+
+
+def indexer_layer_train(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
+                        sparse: SparseConfig | None, layer_indexer: dict[str, jax.Array]
+                        ) -> jax.Array:
+    """One layer of the indexer design (or a dense model) in training: the sparse groups'
+    block selection as prefill makes it (no gradient through it), attention through it and
+    causal attention elsewhere. Out like q."""
+    dense, sparse_groups = layer_groups(config, sparse, layer)
+    g_size = config.group_size
+    pieces = []
+    window = config.sliding_window
+    if dense:
+        heads, kv = query_heads(dense, g_size), np.array(dense, np.int32)
+        pieces.append((heads, causal_attention(take_heads(qkv.q, heads), take_heads(qkv.k, kv),
+                                               take_heads(qkv.v, kv), lengths, window=window)))
+    if sparse_groups:
+        heads, kv = query_heads(sparse_groups, g_size), np.array(sparse_groups, np.int32)
+        qs, ks, vs = take_heads(qkv.q, heads), take_heads(qkv.k, kv), take_heads(qkv.v, kv)
+        frozen_q, frozen_k = jax.lax.stop_gradient((qs, ks))
+        ki = (indexer_keys(frozen_k, layer_indexer["wk"]) if sparse.scorer == "indexer"
+              else None)
+        indices, counts = select_prefill(frozen_q, frozen_k, ki, lengths, sparse,
+                                         jax.lax.stop_gradient(layer_indexer), "reference")
+        blocks = paper_attention.blocks_to_mask(indices, counts, -(-qs.shape[1] // sparse.block_k))
+        pieces.append((heads, block_list_attention(qs, ks, vs, lengths, blocks,
+                                                   block_q=sparse.block_q,
+                                                   block_k=sparse.block_k)))
+    return merge_heads(pieces, config.num_heads)

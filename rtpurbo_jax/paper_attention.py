@@ -20,6 +20,7 @@ routing no copy is made. Statistics are token counts summed over rows and all qu
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -30,13 +31,14 @@ from pallas_kernels.local_attention import local_attention
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_reference
 from rtpurbo_jax.cache import ring_filled, ring_from_prefill, ring_slots, write_parts
 from rtpurbo_jax.config import ModelConfig, SparseConfig
-from rtpurbo_jax.dense import dense_attention_reference, masked_softmax_attention
+from rtpurbo_jax.dense import dense_attention_reference
 from rtpurbo_jax.indexer import indexer_keys
 from rtpurbo_jax.model import QKV, head_keys, merge_heads, query_heads, take_heads
 from rtpurbo_jax.selection import on_gpu, select_decode, select_per_token, use_pallas
+from rtpurbo_jax.train_attention import causal_attention, chunked_attention, window_mask
 
-# Query positions per step of the training-mode retrieval attention: its memory stays
-# [batch, retrieval heads, TRAIN_Q_CHUNK, seq].
+# Query positions per step of the training-mode retrieval attention (both passes): its memory
+# stays [batch, retrieval heads, TRAIN_Q_CHUNK, seq].
 TRAIN_Q_CHUNK = 256
 
 
@@ -258,63 +260,63 @@ def retrieval_train(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfi
                     sparse: SparseConfig, layer_indexer: dict[str, jax.Array]) -> jax.Array:
     """The retrieval heads over a whole right-padded sequence, every position attending as
     decode would there: its own top-p blocks by the (frozen) pre-RoPE indexer over the keys up
-    to it, unioned over its KV group's retrieval heads. What stage 2 trains the model against;
-    the reference (jnp), differentiable in q, k, v (the selection is not: stop_gradient).
-
-    Returns [b, t, len(R), d]. Memory: [b, R, TRAIN_Q_CHUNK, t] per step, each step
-    rematerialised in the backward pass.
-    """
+    to it, unioned over its KV group's retrieval heads. What stage 2 trains the model against:
+    differentiable in q, k, v (the selection is not), memory bounded by a chunk of queries in
+    both passes (`train_attention.chunked_attention`). Returns [b, t, len(R), d]."""
     if sparse.scorer != "indexer":
         raise ValueError("training-mode retrieval attention needs the 'indexer' scorer, got "
                          f"{sparse.scorer!r}")
     gs = config.group_size
     retrieval, full = sparse.retrieval_heads(layer), sparse.full_groups(layer)
     heads = np.asarray(retrieval, np.int32)
-    per_head = np.asarray([full.index(h // gs) for h in retrieval], np.int32)
     q = take_heads(qkv.q, heads)
     k, v = head_keys(qkv.k, retrieval, gs), head_keys(qkv.v, retrieval, gs)
-    q_pre = jax.lax.stop_gradient(take_heads(qkv.q_pre, heads))
-    ki = jax.lax.stop_gradient(indexer_keys(head_keys(qkv.k_pre, retrieval, gs),
-                                            layer_indexer["wk"]))
-    b, t = q.shape[:2]
+    t = q.shape[1]
     chunk = min(TRAIN_Q_CHUNK, t)
-    steps = -(-t // chunk)
-    pad = ((0, 0), (0, steps * chunk - t), (0, 0), (0, 0))
-    q_pad, q_pre_pad = jnp.pad(q, pad), jnp.pad(q_pre, pad)
-    num_blocks = -(-t // sparse.block_k)
-    key_block = jnp.arange(t) // sparse.block_k
-    scale = config.head_dim**-0.5
+    q_pre = take_heads(qkv.q_pre, heads)
+    q_pre = jnp.pad(q_pre, ((0, 0), (0, -(-t // chunk) * chunk - t), (0, 0), (0, 0)))
+    ki = indexer_keys(head_keys(qkv.k_pre, retrieval, gs), layer_indexer["wk"])
+    args = jax.lax.stop_gradient((q_pre, ki, lengths, layer_indexer))
+    mask_fn = functools.partial(
+        _retrieval_mask, kv_len=t, sparse=sparse,
+        per_head=tuple(full.index(h // gs) for h in retrieval), num_full=len(full))
+    return chunked_attention(q, k, v, args, mask_fn, config.head_dim**-0.5, chunk)
 
-    @jax.checkpoint
-    def one(c: jax.Array) -> jax.Array:
-        start = c * chunk
-        rows = jax.lax.dynamic_slice_in_dim(q_pad, start, chunk, axis=1)
-        rows_pre = jax.lax.dynamic_slice_in_dim(q_pre_pad, start, chunk, axis=1)
-        indices, counts = select_per_token(rows_pre, ki, jnp.full((b,), start), lengths, sparse,
-                                           layer_indexer)
-        own = blocks_to_mask(indices, counts, num_blocks)  # [b, R, chunk, nk]
-        blocks = group_union(own, per_head, len(full))[:, per_head]
-        pos = start + jnp.arange(chunk)
-        visible = (jnp.arange(t)[None, :] <= pos[:, None])[None, None]  # [1, 1, chunk, t]
-        visible &= (jnp.arange(t) < lengths[:, None])[:, None, None]
-        visible &= (pos[None, :] < lengths[:, None])[:, None, :, None]
-        mask = jax.lax.stop_gradient(jnp.take(blocks, key_block, axis=-1) & visible)
-        return masked_softmax_attention(rows, k, v, mask, scale)  # [b, chunk, R, d]
 
-    out = jax.lax.map(one, jnp.arange(steps))  # [steps, b, chunk, R, d]
-    return jnp.moveaxis(out, 0, 1).reshape(b, steps * chunk, *q.shape[2:])[:, :t]
+def _retrieval_mask(args: tuple[Any, ...], start: jax.Array, size: int, *, kv_len: int,
+                    sparse: SparseConfig, per_head: tuple[int, ...], num_full: int
+                    ) -> jax.Array:
+    """Which keys retrieval query rows start .. start + size - 1 attend: their KV group's union
+    of per-token top-p block sets, causal, within the row's length: [b, R, size, kv_len]."""
+    q_pre, ki, lengths, layer_indexer = args
+    b = lengths.shape[0]
+    rows_pre = jax.lax.dynamic_slice_in_dim(q_pre, start, size, axis=1)
+    indices, counts = select_per_token(rows_pre, ki, jnp.full((b,), start), lengths, sparse,
+                                       layer_indexer)
+    own = blocks_to_mask(indices, counts, -(-kv_len // sparse.block_k))  # [b, R, size, nk]
+    index = np.asarray(per_head, np.int32)
+    blocks = group_union(own, index, num_full)[:, index]
+    chosen = jnp.take(blocks, jnp.arange(kv_len) // sparse.block_k, axis=-1)
+    return chosen & window_mask(lengths, start, size, kv_len, window=None)
 
 
 def layer_train(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
                 sparse: SparseConfig, layer_indexer: dict[str, jax.Array]) -> jax.Array:
-    """One layer as stage 2's student sees it (reference): retrieval heads decode-style at
-    every position (`retrieval_train`), local heads on sinks + window. Out like q."""
+    """One layer as stage 2's student sees it: retrieval heads decode-style at every position
+    (`retrieval_train`), local heads on sinks + window; memory-bounded in both passes. Out
+    like q."""
     retrieval, local = sparse.retrieval_heads(layer), sparse.local_heads(layer)
     pieces = []
     if retrieval:
         pieces.append((retrieval, retrieval_train(qkv, lengths, layer, config, sparse,
                                                   layer_indexer)))
     if local:
-        pieces.append((local, _local_heads_prefill(qkv, lengths, local, config.group_size,
-                                                   sparse, "reference")))
+        gs = config.group_size
+        groups = tuple(sorted({h // gs for h in local}))
+        at = head_kv_layout(local, gs, groups)
+        kl, vl = (take_heads(take_heads(x, np.asarray(groups, np.int32)), at)
+                  for x in (qkv.k, qkv.v))
+        pieces.append((local, causal_attention(
+            take_heads(qkv.q, np.asarray(local, np.int32)), kl, vl, lengths,
+            window=sparse.window, sink_tokens=sparse.sink_tokens)))
     return merge_heads(pieces, config.num_heads)

@@ -252,3 +252,24 @@ def test_both_stages_end_to_end(tmp_path):
     config.distill.sparse = str(tmp_path / "run" / "sparse")
     again = run_conversion(config, tmp_path / "second")
     assert again["distill"]["steps"] == 2 and "first_loss" not in again
+
+
+@pytest.mark.parametrize("design", ["indexer", "paper"])
+def test_training_forward_equals_inference(design):
+    """The student's forward (memory-bounded training attention) equals the inference forward
+    where they must agree: the indexer design's prefill selection, and the paper design with
+    every head retrieval at p = 1 (dense)."""
+    from rtpurbo_jax.generate import hidden_states, training_hidden
+
+    params = tiny_model().params
+    if design == "indexer":
+        sparse = SparseConfig(((True, False), (False, False)), rank=4, block_q=16, block_k=16,
+                              top_p=0.5)
+    else:
+        sparse = _paper(ALL_HEADS, top_p=1.0)
+    indexer = _indexer(sparse)
+    tokens, lengths = (jnp.asarray(x) for x in _batch())
+    train = training_hidden(params, tokens, lengths, TINY, sparse, indexer)
+    infer = hidden_states(params, tokens, lengths, TINY, "reference", sparse, indexer)
+    for row, n in enumerate(np.asarray(lengths)):
+        np.testing.assert_allclose(train[row, :n], infer[row, :n], rtol=2e-4, atol=2e-4)
