@@ -253,9 +253,8 @@ def run_conversion(config: Any, run_dir: Path) -> dict[str, Any]:
         sparse, indexer = start_checkpoint(config, model, run_dir)
     summary["retrieval_fraction"] = sparse.retrieval_fraction
     if "distill" in stages:
-        tick = time.perf_counter()
-        summary["distill"] = run_distill(config, model, sparse, indexer, run_dir, mesh)
-        summary["distill"]["minutes"] = (time.perf_counter() - tick) / 60
+        summary["distill"] = run_distill(config, model, sparse, indexer, run_dir, mesh,
+                                         stage1_minutes=summary.get("stage1_minutes"))
     return summary
 
 
@@ -303,13 +302,16 @@ def start_checkpoint(config: Any, model: SparseModel, run_dir: Path) -> tuple[Sp
 
 
 def run_distill(config: Any, model: SparseModel, sparse: SparseConfig, indexer: Any,
-                run_dir: Path, mesh: Any) -> dict[str, Any]:
+                run_dir: Path, mesh: Any, stage1_minutes: float | None = None
+                ) -> dict[str, Any]:
     """Stage 2, then the new model exported to run_dir/model (a Hugging Face directory with
-    its sparse checkpoint and origin). Returns {steps, first_loss, final_loss, resumed}."""
+    its sparse checkpoint and origin: base, stages, steps and minutes of each stage run here).
+    Returns {steps, first_loss, final_loss, resumed, minutes}."""
     from rtpurbo_jax.data import training_dataset
     from rtpurbo_jax.export import export_model
     from rtpurbo_jax.stage2 import DATA_STREAM, run_stage2
 
+    tick = time.perf_counter()
     distill = config.distill
     dataset = training_dataset(task_tokenizer(model), config.data, seq_len=distill.seq_len,
                                batch_size=distill.batch_size, steps=distill.steps,
@@ -321,8 +323,12 @@ def run_distill(config: Any, model: SparseModel, sparse: SparseConfig, indexer: 
     losses = [h["loss"] for h in _read_metrics(run_dir / "distill")]
     steps = {"indexer": config.train.steps if "indexer" in config.train.stages else 0,
              "distill": distill.steps}
+    minutes = {"distill": (time.perf_counter() - tick) / 60}
+    if stage1_minutes is not None:
+        minutes["indexer"] = stage1_minutes
     origin = {"base": {"name": model.config.name, "fingerprint": model.fingerprint},
-              "stages": list(config.train.stages), "steps": steps, "design": sparse.design,
+              "stages": list(config.train.stages), "steps": steps, "minutes": minutes,
+              "design": sparse.design,
               "distill": {k: v for k, v in distill.to_dict().items() if k != "sparse"}}
     # Written aside and renamed: a kill mid-export never leaves a half model under model/.
     partial, final = run_dir / "model.partial", run_dir / "model"
@@ -332,7 +338,7 @@ def run_distill(config: Any, model: SparseModel, sparse: SparseConfig, indexer: 
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     return {"steps": distill.steps, "first_loss": losses[0], "final_loss": losses[-1],
-            "resumed": len(history) < len(losses)}
+            "resumed": len(history) < len(losses), "minutes": minutes["distill"]}
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, float]]:

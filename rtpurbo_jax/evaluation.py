@@ -582,6 +582,16 @@ def train_metadata(run_dir: Path, ev: Any) -> dict[str, Any]:
             "stages": stages}
 
 
+def origin_metadata(origin: dict[str, Any], ev: Any) -> dict[str, Any]:
+    """{"steps", "train_minutes", "stages"} of a stage-2 model, from its rtpurbo.json (steps
+    and minutes of both stages; the config's values win)."""
+    minutes = origin.get("minutes") or {}
+    recorded = {"steps": sum(origin.get("steps", {}).values()),
+                "train_minutes": sum(minutes.values()) if minutes else None}
+    return {key: ev[key] if ev[key] is not None else recorded[key]
+            for key in ("steps", "train_minutes")} | {"stages": origin.get("stages")}
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalPaths:
     """The training run, the sparse checkpoint, the head profile and the output directory."""
@@ -624,7 +634,8 @@ def evaluate(config: Any, progress: bool = True) -> tuple[dict[str, Any], dict[s
         "config": config.name,
         "device": device_name(),
         "commit": git_commit(Path(__file__).resolve().parents[1]),
-        **train_metadata(paths.run_dir, ev),
+        **(origin_metadata(model.origin, ev) if model.origin else
+           train_metadata(paths.run_dir, ev)),
         "retrieval_fraction": model.sparse.retrieval_fraction,
         "sparse_checkpoint": str(paths.sparse),
         "sparse_config": json.loads(model.sparse.to_json()),

@@ -242,6 +242,9 @@ def test_both_stages_end_to_end(tmp_path):
     tuned = ev_lib.load_eval_model(config.model, tmp_path / "run" / "model",
                                    backend="reference")
     original = ev_lib.load_original(config.model, tuned, backend="reference")
+    assert set(origin["minutes"]) == {"indexer", "distill"}
+    meta = ev_lib.origin_metadata(tuned.origin, config.eval)
+    assert meta["steps"] == 4 and meta["stages"] == ["indexer", "distill"]
     full = ev_lib.mode_model("full", tuned, {}, None, original)
     assert full.sparse is None and ev_lib.mode_model("rtpurbo", tuned, {}).sparse == model.sparse
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(base.params), strict=True):
