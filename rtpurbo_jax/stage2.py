@@ -270,8 +270,8 @@ def run_stage2(
     distill: Any, run_dir: Path, mesh: Any, backend: str, seed: int = 0, progress: bool = True,
 ) -> tuple[Params, list[dict[str, float]]]:
     """Trains from the latest checkpoint in <run_dir>/distill (or from the original weights) to
-    distill.steps; dataset[i] is batch i. Returns (the student's weights, merged and in the
-    compute dtype; the metrics of the steps run)."""
+    distill.steps; dataset[i] is batch i. Returns (the student's weights at full precision,
+    adapters merged; the metrics of the steps run)."""
     import orbax.checkpoint as ocp
     from tqdm import tqdm
 
@@ -329,5 +329,8 @@ def run_stage2(
     manager.wait_until_finished()
     manager.close()
     writer.close()
-    final = student_params(state["trainable"], teacher, spec)
-    return jax.device_get(final), history
+    # At full precision: the float32 master weights, or the adapters merged into the weights
+    # as loaded (the export casts to distill.export_dtype).
+    trainable = jax.device_get(state["trainable"])
+    final = apply_lora(params, trainable, spec.lora_alpha) if spec.lora_rank else trainable
+    return final, history
