@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -72,4 +73,7 @@ def _main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from rtpurbo_jax.cli import resolve_config_name
+
+    sys.argv = resolve_config_name(sys.argv, Path(__file__).resolve().parent / "configs")
     app.run(_main)

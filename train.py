@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -121,4 +122,7 @@ def _main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from rtpurbo_jax.cli import resolve_config_name
+
+    sys.argv = resolve_config_name(sys.argv, Path(__file__).resolve().parent / "configs")
     app.run(_main)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,4 +86,7 @@ def _main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from rtpurbo_jax.cli import resolve_config_name
+
+    sys.argv = resolve_config_name(sys.argv, Path(__file__).resolve().parent / "configs")
     app.run(_main)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +47,28 @@ def test_architecture_mismatch_is_refused(default_model):
     arch = importlib.import_module("configs.llama_1m").get_config().model.arch
     with pytest.raises(ConfigError, match="num_layers: config 32, checkpoint 30"):
         check_arch(ModelConfig.from_hf(arch.to_dict()), default_model.config)
+
+
+def test_config_names_resolve_from_the_configs_directory(tmp_path):
+    from rtpurbo_jax.cli import resolve_config_name
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    argv = ["train.py", "--config=llama_1m.py", "--config.train.steps=3"]
+    assert resolve_config_name(argv, configs) == [
+        "train.py", f"--config={configs / 'llama_1m.py'}", "--config.train.steps=3"]
+    assert resolve_config_name(["eval.py", "--config", "tiny.py:x"], configs) == [
+        "eval.py", "--config", f"{configs / 'tiny.py'}:x"]
+    # An existing path wins; an unknown name is left for the flag parser to refuse.
+    mine = tmp_path / "own" / "tiny.py"
+    mine.parent.mkdir()
+    mine.write_text("")
+    for arg in (f"--config={mine}", "--config=nope.py"):
+        assert resolve_config_name(["t", arg], configs) == ["t", arg]
+    # The programs resolve it: eval.py reaches its own check of the checkpoint.
+    repo = configs.parent
+    result = subprocess.run(
+        [sys.executable, str(repo / "eval.py"), "--config=tiny.py",
+         f"--config.eval.sparse={tmp_path / 'none'}"], capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo)})
+    assert result.returncode != 0
+    assert "no sparse checkpoint at" in result.stderr.strip().splitlines()[-1]
