@@ -290,13 +290,12 @@ def run_stage1(config: Any, model: SparseModel, run_dir: Path, mesh: Any
 def start_checkpoint(config: Any, model: SparseModel, run_dir: Path) -> tuple[SparseConfig, Any]:
     """Stage 2 without stage 1: the sparse checkpoint at distill.sparse (default:
     run_dir/sparse), which must have been made for these base weights."""
-    from rtpurbo_jax.checkpoint import SparseCheckpointError, load_sparse
+    from rtpurbo_jax.checkpoint import check_base, load_sparse
 
     path = Path(config.distill.sparse) if config.distill.sparse else run_dir / "sparse"
     sparse, indexer, base = load_sparse(path)
-    if model.fingerprint and base["fingerprint"] != model.fingerprint:
-        raise SparseCheckpointError(f"distill.sparse = {path} was made for base model "
-                                    f"{base['name']!r}, not for {model.config.name!r}")
+    if model.fingerprint:  # random weights have none
+        check_base(path, base, model.fingerprint, model.config.name)
     sparse.check_model(model.config)
     return sparse, indexer
 

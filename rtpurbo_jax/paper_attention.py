@@ -67,15 +67,20 @@ def local_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
                                      sink_tokens=sparse.sink_tokens)
 
 
-def _local_heads_prefill(qkv: QKV, lengths: jax.Array, local: tuple[int, ...], group_size: int,
-                         sparse: SparseConfig, backend: str) -> jax.Array:
-    """Sinks + window prefill of the given local query heads: [b, t, len(local), d]."""
+def _local_heads_qkv(qkv: QKV, local: tuple[int, ...], group_size: int
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q of the given local query heads and their K/V in `head_kv_layout` (GQA shapes)."""
     groups = tuple(sorted({h // group_size for h in local}))
     at = head_kv_layout(local, group_size, groups)
     group_index = np.asarray(groups, np.int32)
     kl, vl = (take_heads(take_heads(x, group_index), at) for x in (qkv.k, qkv.v))
-    return local_prefill(take_heads(qkv.q, np.asarray(local, np.int32)), kl, vl, lengths,
-                         sparse, backend)
+    return take_heads(qkv.q, np.asarray(local, np.int32)), kl, vl
+
+
+def _local_heads_prefill(qkv: QKV, lengths: jax.Array, local: tuple[int, ...], group_size: int,
+                         sparse: SparseConfig, backend: str) -> jax.Array:
+    """Sinks + window prefill of the given local query heads: [b, t, len(local), d]."""
+    return local_prefill(*_local_heads_qkv(qkv, local, group_size), lengths, sparse, backend)
 
 
 def _prefill_stats(lengths: jax.Array, sparse: SparseConfig, layer: int) -> jax.Array:
@@ -311,12 +316,7 @@ def layer_train(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
         pieces.append((retrieval, retrieval_train(qkv, lengths, layer, config, sparse,
                                                   layer_indexer)))
     if local:
-        gs = config.group_size
-        groups = tuple(sorted({h // gs for h in local}))
-        at = head_kv_layout(local, gs, groups)
-        kl, vl = (take_heads(take_heads(x, np.asarray(groups, np.int32)), at)
-                  for x in (qkv.k, qkv.v))
         pieces.append((local, causal_attention(
-            take_heads(qkv.q, np.asarray(local, np.int32)), kl, vl, lengths,
-            window=sparse.window, sink_tokens=sparse.sink_tokens)))
+            *_local_heads_qkv(qkv, local, config.group_size), lengths, window=sparse.window,
+            sink_tokens=sparse.sink_tokens)))
     return merge_heads(pieces, config.num_heads)

@@ -71,6 +71,18 @@ def _kl(log_teacher: jax.Array, log_student: jax.Array) -> jax.Array:
     return jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), axis=-1)
 
 
+def _valid_sum(kl: jax.Array, valid: jax.Array) -> jax.Array:
+    """[summed KL over the valid positions, their number] of one chunk."""
+    return jnp.stack([jnp.sum(jnp.where(valid, kl, 0.0)), valid.sum().astype(jnp.float32)])
+
+
+def _mean_over_chunks(one_chunk: Any, num_chunks: int) -> jax.Array:
+    """The mean KL over every valid position, from one_chunk(c) -> `_valid_sum` (0 when no
+    position is valid)."""
+    totals = jax.lax.map(one_chunk, jnp.arange(num_chunks)).sum(axis=0)
+    return totals[0] / jnp.maximum(totals[1], 1.0)
+
+
 def teacher_top_k(teacher_params: Any, teacher_hidden: jax.Array, lengths: jax.Array,
                   config: ModelConfig, top_k: int) -> tuple[jax.Array, jax.Array]:
     """The teacher's top_k logits and their vocabulary ids at every position: ([batch, seq, k]
@@ -108,16 +120,14 @@ def top_k_loss(params: Any, student_hidden: jax.Array, teacher_values: jax.Array
 
     @jax.checkpoint
     def one_chunk(c: jax.Array) -> jax.Array:
-        """Chunk index -> [summed KL over its valid positions, number of valid positions]."""
         rows, valid = _chunk_rows(student, c, chunk, lengths)
         chosen = jnp.take_along_axis(lm_logits(params, rows, config),
                                      jax.lax.dynamic_slice_in_dim(ids, c * chunk, chunk, 1), -1)
         target = jax.lax.dynamic_slice_in_dim(values, c * chunk, chunk, 1)
-        kl = _kl(jax.nn.log_softmax(target, -1), jax.nn.log_softmax(chosen, -1))
-        return jnp.stack([jnp.sum(jnp.where(valid, kl, 0.0)), valid.sum().astype(jnp.float32)])
+        return _valid_sum(_kl(jax.nn.log_softmax(target, -1), jax.nn.log_softmax(chosen, -1)),
+                          valid)
 
-    totals = jax.lax.map(one_chunk, jnp.arange(num_chunks)).sum(axis=0)
-    return totals[0] / jnp.maximum(totals[1], 1.0)
+    return _mean_over_chunks(one_chunk, num_chunks)
 
 
 def full_loss(params: Any, teacher_params: Any, teacher_hidden: jax.Array,
@@ -134,12 +144,10 @@ def full_loss(params: Any, teacher_params: Any, teacher_hidden: jax.Array,
         th, valid = _chunk_rows(teacher, c, chunk, lengths)
         sh, _ = _chunk_rows(student, c, chunk, lengths)
         teacher_logits = jax.lax.stop_gradient(lm_logits(teacher_params, th, config))
-        kl = _kl(jax.nn.log_softmax(teacher_logits, -1),
-                 jax.nn.log_softmax(lm_logits(params, sh, config), -1))
-        return jnp.stack([jnp.sum(jnp.where(valid, kl, 0.0)), valid.sum().astype(jnp.float32)])
+        return _valid_sum(_kl(jax.nn.log_softmax(teacher_logits, -1),
+                              jax.nn.log_softmax(lm_logits(params, sh, config), -1)), valid)
 
-    totals = jax.lax.map(one_chunk, jnp.arange(num_chunks)).sum(axis=0)
-    return totals[0] / jnp.maximum(totals[1], 1.0)
+    return _mean_over_chunks(one_chunk, num_chunks)
 
 
 def distillation_loss(

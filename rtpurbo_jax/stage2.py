@@ -275,7 +275,7 @@ def run_stage2(
     import orbax.checkpoint as ocp
     from tqdm import tqdm
 
-    from rtpurbo_jax.training import MetricsWriter, checkpoint_manager
+    from rtpurbo_jax.training import MetricsWriter, checkpoint_manager, log_step
 
     check_distill(distill, config)
     spec = Stage2Spec.from_config(distill, backend)
@@ -318,12 +318,8 @@ def run_stage2(
             tqdm.write(memory_line(memory))
         tick = time.perf_counter()
         state, metrics = step_fn(state, teacher, tokens, lengths, cached)
-        values = {k: float(v) for k, v in metrics.items()}
-        seconds = time.perf_counter() - tick
-        values.update(tokens_per_s=float(np.sum(batch["length"])) / seconds, seconds=seconds)
-        history.append({"step": step + 1, **values})
-        writer.write(step + 1, values)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
+        log_step(step + 1, jax.device_get(metrics), batch["length"], time.perf_counter() - tick,
+                 writer, bar, history)
         manager.save(step + 1, args=ocp.args.StandardSave(state),
                      force=step + 1 == distill.steps)
     manager.wait_until_finished()

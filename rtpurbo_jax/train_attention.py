@@ -130,15 +130,10 @@ def window_mask(lengths: jax.Array, start: jax.Array, size: int, kv_len: int, *,
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
                      window: int | None = None, sink_tokens: int = 0) -> jax.Array:
     """Training attention of right-padded rows from position 0: causal, or sinks + window."""
-    mask_fn = functools.partial(_window_mask_fn, kv_len=k.shape[1], window=window,
+    mask_fn = functools.partial(window_mask, kv_len=k.shape[1], window=window,
                                 sink_tokens=sink_tokens)
     return chunked_attention(q, k, v, lengths, mask_fn, q.shape[-1] ** -0.5,
                              min(TRAIN_CHUNK, q.shape[1]))
-
-
-def _window_mask_fn(lengths: jax.Array, start: jax.Array, size: int, *, kv_len: int,
-                    window: int | None, sink_tokens: int) -> jax.Array:
-    return window_mask(lengths, start, size, kv_len, window=window, sink_tokens=sink_tokens)
 
 
 def block_list_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,

@@ -126,6 +126,17 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
+def log_step(step: int, metrics: dict[str, Any], lengths: np.ndarray, seconds: float,
+             writer: MetricsWriter, bar: Any, history: list[dict[str, float]]) -> None:
+    """Records a finished step (1-based) of a training loop: its metrics as floats plus
+    tokens/s and seconds, into history, the metrics file and the progress bar."""
+    values = {k: float(v) for k, v in metrics.items()}
+    values.update(tokens_per_s=float(np.sum(lengths)) / seconds, seconds=seconds)
+    history.append({"step": step, **values})
+    writer.write(step, values)
+    bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
+
+
 def checkpoint_manager(directory: Path, train: Any) -> Any:
     """Orbax manager: a checkpoint every `checkpoint_every` steps and at the end, the last
     `keep_checkpoints` kept. Saves are atomic (written aside, then renamed), so a run killed
@@ -170,13 +181,8 @@ def run_training(
             state["indexer"], state["opt_state"], params, jnp.asarray(batch["tokens"]),
             jnp.asarray(batch["length"]))
         state = {"indexer": indexer_state, "opt_state": opt_state}
-        values = {k: float(v) for k, v in metrics.items()}
-        seconds = time.perf_counter() - tick
-        values["tokens_per_s"] = float(np.sum(batch["length"])) / seconds
-        values["seconds"] = seconds
-        history.append({"step": step + 1, **values})
-        writer.write(step + 1, values)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
+        log_step(step + 1, jax.device_get(metrics), batch["length"], time.perf_counter() - tick,
+                 writer, bar, history)
         manager.save(step + 1, args=ocp.args.StandardSave(state),
                      force=step + 1 == train.steps)
     manager.wait_until_finished()
