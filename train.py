@@ -101,7 +101,11 @@ def main(argv: list[str]) -> None:
     check_resume(run_dir, config)
     start = time.perf_counter()
     summary = run_conversion(config, run_dir)
-    summary.update(schedule=schedule, train_minutes=(time.perf_counter() - start) / 60)
+    # A resumed stage 2 counts the steps of every process, not only this one's wall time.
+    stage_minutes = [summary.get("stage1_minutes"), summary.get("distill", {}).get("minutes")]
+    wall = (time.perf_counter() - start) / 60
+    summary.update(schedule=schedule, train_minutes=max(
+        wall, sum(m for m in stage_minutes if m is not None)))
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     if "indexer" in summary["stages"]:
         print(f"sparse checkpoint: {run_dir / 'sparse'}  ({summary['steps']} steps, "

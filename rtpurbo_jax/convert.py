@@ -310,7 +310,6 @@ def run_distill(config: Any, model: SparseModel, sparse: SparseConfig, indexer: 
     from rtpurbo_jax.export import export_model
     from rtpurbo_jax.stage2 import DATA_STREAM, run_stage2
 
-    tick = time.perf_counter()
     distill = config.distill
     dataset = training_dataset(task_tokenizer(model), config.data, seq_len=distill.seq_len,
                                batch_size=distill.batch_size, steps=distill.steps,
@@ -319,10 +318,13 @@ def run_distill(config: Any, model: SparseModel, sparse: SparseConfig, indexer: 
                                  indexer=indexer, dataset=dataset, distill=distill,
                                  run_dir=run_dir, mesh=mesh, backend=model.backend,
                                  seed=config.seed)
-    losses = [h["loss"] for h in _read_metrics(run_dir / "distill")]
+    records = _read_metrics(run_dir / "distill")
+    losses = [r["loss"] for r in records]
     steps = {"indexer": config.train.steps if "indexer" in config.train.stages else 0,
              "distill": distill.steps}
-    minutes = {"distill": (time.perf_counter() - tick) / 60}
+    # The time of the steps that made the model, summed over every process of a resumed run
+    # (each process's compile is in its first step; a step redone after a kill counts once).
+    minutes = {"distill": sum(r["seconds"] for r in records) / 60}
     if stage1_minutes is not None:
         minutes["indexer"] = stage1_minutes
     origin = {"base": {"name": model.config.name, "fingerprint": model.fingerprint},

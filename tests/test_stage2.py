@@ -243,6 +243,10 @@ def test_both_stages_end_to_end(tmp_path):
                                    backend="reference")
     original = ev_lib.load_original(config.model, tuned, backend="reference")
     assert set(origin["minutes"]) == {"indexer", "distill"}
+    # Stage 2's minutes are its steps' seconds (so a resumed run counts every process's).
+    records = [json.loads(line) for line in
+               (tmp_path / "run" / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert origin["minutes"]["distill"] == pytest.approx(sum(r["seconds"] for r in records) / 60)
     meta = ev_lib.origin_metadata(tuned.origin, config.eval)
     assert meta["steps"] == 4 and meta["stages"] == ["indexer", "distill"]
     full = ev_lib.mode_model("full", tuned, {}, None, original)
