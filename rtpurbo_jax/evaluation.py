@@ -865,8 +865,10 @@ def markdown_report(results: dict[str, Any]) -> str:
                         and k["mode"] == m) for m in modes]
             lines.append(f"| {length} | " + " | ".join(f"{b / 2**20:.1f}" for b in row) + " |")
     if results["perplexity"]:
+        # Merged runs hold one perplexity per length: a row per (length, mode).
         first = results["perplexity"][0]
-        lines += ["", f"Perplexity on held-out text ({first['length']}-token windows, "
-                  f"n = {first['windows']}):", "", "| mode | ppl |", "|---|---:|"]
-        lines += [f"| {p['mode']} | {p['ppl']:.3f} |" for p in results["perplexity"]]
+        lines += ["", f"Perplexity on held-out text (windows of the given length, "
+                  f"n = {first['windows']}):", "", "| length | mode | ppl |", "|---:|---|---:|"]
+        lines += [f"| {p['length']} | {p['mode']} | {p['ppl']:.3f} |"
+                  for p in results["perplexity"]]
     return "\n".join(lines)

@@ -129,7 +129,7 @@ def test_plots_and_table(cli_run):
         assert (out_dir / name).read_bytes()[:len(PNG_MAGIC)] == PNG_MAGIC
     assert "| task | length | full | rtpurbo | topk | streaming | oracle |" in stdout
     assert f"| passkey | {LENGTHS[0]} |" in stdout
-    assert "| mode | ppl |" in stdout
+    assert "| length | mode | ppl |" in stdout
 
 
 def test_padding_rows_leave_density_and_answers_unchanged():
