@@ -26,8 +26,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.sparse_attention import LOG2_E, MASK_VALUE, MIN_DOT_DIM
 
-# Streaming multiprocessors of the GPU the split heuristic fills (H100 SXM: 132).
-NUM_SMS = 132
 # Programs per SM the split heuristic aims for, so memory latency of one hides behind another.
 PROGRAMS_PER_SM = 2
 # Fewest listed blocks a split should get: below this the partial-result traffic and the merge
@@ -179,11 +177,23 @@ def _decode_kernel(
     sum_ref[...] = row_sum
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_sel: int) -> int:
-    """Splits of each block list so that batch * num_kv_heads * splits fills the GPU."""
-    programs = batch * num_kv_heads
-    wanted = pl.cdiv(NUM_SMS * PROGRAMS_PER_SM, programs)
-    return max(1, min(wanted, pl.cdiv(max_sel, MIN_BLOCKS_PER_SPLIT)))
+def sm_count() -> int | None:
+    """Streaming multiprocessors of the default device, as its backend reports them (None
+    where it reports none, e.g. on CPU)."""
+    return getattr(jax.devices()[0], "core_count", None)
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_sel: int,
+                       sms: int | None = None) -> int:
+    """Splits of each block list so that batch * num_kv_heads * splits fills the GPU's sms
+    (default: the device's). On a device that reports no SMs (interpret mode) the lists split
+    as far as MIN_BLOCKS_PER_SPLIT allows."""
+    most = max(1, pl.cdiv(max_sel, MIN_BLOCKS_PER_SPLIT))
+    sms = sm_count() if sms is None else sms
+    if not sms:
+        return most
+    wanted = pl.cdiv(sms * PROGRAMS_PER_SM, batch * num_kv_heads)
+    return max(1, min(wanted, most))
 
 
 def _merge_splits(acc, m, row_sum):

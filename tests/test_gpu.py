@@ -130,3 +130,13 @@ def test_short_conversion_runs(tmp_path):
     config.train.steps = 2
     summary = run_conversion(config, tmp_path)
     assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+
+
+def test_decode_split_heuristic_reads_the_gpu():
+    """The decode kernel's split count comes from the device's SM count, not a constant."""
+    from pallas_kernels import sparse_decode
+
+    sms = sparse_decode.sm_count()
+    assert sms is not None and sms >= 1
+    assert sparse_decode.default_num_splits(1, 8, 4096) == min(
+        -(-sms * sparse_decode.PROGRAMS_PER_SM // 8), 4096 // sparse_decode.MIN_BLOCKS_PER_SPLIT)

@@ -134,3 +134,16 @@ def test_kernel_matches_reference(case):
     empty = np.repeat(np.asarray(cnt) == 0, group, axis=1)  # [B, H]
     assert empty.any()
     assert np.all(out32[empty] == 0)
+
+
+def test_default_splits_follow_the_sm_count():
+    """More SMs or fewer rows -> more splits, never past MIN_BLOCKS_PER_SPLIT blocks a split;
+    a device that reports no SMs splits as far as that floor allows."""
+    from pallas_kernels.sparse_decode import MIN_BLOCKS_PER_SPLIT, default_num_splits
+
+    most = 256 // MIN_BLOCKS_PER_SPLIT
+    assert default_num_splits(1, 8, 256, sms=132) == min(-(-264 // 8), most)
+    assert default_num_splits(16, 8, 256, sms=132) == 3
+    assert default_num_splits(1, 8, 256, sms=16) == 4
+    assert default_num_splits(1, 1, 2, sms=132) == 1
+    assert default_num_splits(1, 8, 256, sms=0) == most
