@@ -17,7 +17,7 @@ SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))
 
 def test_every_benchmark_is_covered():
     assert SCRIPTS == ["bench_generate.py", "bench_kernels.py", "bench_layer.py", "bench_local.py",
-                       "kv_bytes.py"]
+                       "bench_model.py", "kv_bytes.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -32,3 +32,24 @@ def test_smoke_mode_runs(script, tmp_path):
     for path in written:
         record = json.loads(path.read_text())
         assert record.get("commit") and record.get("jax_version"), path
+
+
+def test_model_bench_labels_dense_rows_that_do_not_fit():
+    """A dense prefill that ran out of memory gets a time extrapolated from the measured dense
+    rows, labelled as such, and the sparse row's speedup is against it."""
+    from benchmarks.bench_model import attach_dense, extrapolate_dense
+
+    def row(design, length, ms):
+        return {"bench": "model_prefill", "design": design, "length": length, "batch": 1,
+                "ms": ms, "kv_bytes": length, "note": None if ms else "does not fit"}
+
+    # Dense time 1 + 2e-3 L + 1e-6 L^2 at three lengths: the fit recovers it at 4096.
+    dense = [row("dense", n, 1 + 2e-3 * n + 1e-6 * n * n) for n in (512, 1024, 2048)]
+    rows = [*dense, row("dense", 4096, None), row("paper", 4096, 5.0)]
+    extrapolate_dense(rows)
+    attach_dense(rows)
+    expected = 1 + 2e-3 * 4096 + 1e-6 * 4096 ** 2
+    assert rows[3]["extrapolated_ms"] == pytest.approx(expected)
+    assert "extrapolated" in rows[3]["note"] and rows[3]["ms"] is None
+    assert rows[4]["speedup"] == pytest.approx(expected / 5.0)
+    assert rows[4]["dense_kv_bytes"] == 4096

@@ -1,0 +1,331 @@
+"""Whole-model prefill (time to first token) and decode (tokens/s) on the Llama-3-8B shapes of
+configs/llama_1m.py with random bf16 weights: dense (cuDNN), the paper design and the indexer
+design, in one run, with the KV-cache bytes of each and XLA's memory analysis of each program.
+
+Run from the repository root on a GPU (H100 up to 128K; 512K and 1M need an H200 and
+--prefill-chunk):
+
+    PYTHONPATH=. python3 benchmarks/bench_model.py --lengths 131072 --decode-batches 1,16
+
+    options: --designs dense,paper,indexer  --layers N (default: the config's 32)
+             --density 0.1  --retrieval-groups 1  --window 8192  --prefill-chunk TOKENS
+             --decode-steps 16  --out-dir DIR
+
+Smoke run (CPU, a tiny random model, no downloads, < 60 s):
+
+    PYTHONPATH=. JAX_PLATFORMS=cpu python3 benchmarks/bench_model.py --smoke
+
+Both sparse designs route `--retrieval-groups` of the 8 KV groups per layer (paper: their query
+heads are retrieval heads, the others local on 4 sinks + `--window` keys; indexer: those groups
+stay dense, the others select blocks). Random weights rank blocks at random, so the selected
+share of causal key blocks is fixed by a cap (`max_blocks`) at `--density` of the blocks: the
+timing is that of a trained model at that density, not a claim about which density a trained
+model reaches. Decode runs on a cache of `length` random keys (its cost depends on shapes and
+lengths, not values), so no prefill of `batch` long prompts is needed to time it.
+
+Rows: {bench: "model_prefill" | "model_decode", design, length, batch, ms (prefill: the whole
+prompt; decode: one step of the batch), dense_ms, speedup, tokens_per_s (decode), peak_bytes
+(XLA's memory analysis of the program: arguments + outputs - aliased + temporaries), kv_bytes,
+dense_kv_bytes, density, note}. A dense program that does not fit is a row with ms null and
+the note "does not fit"; where two dense prefill lengths were measured, its time is
+extrapolated from a + b*L + c*L^2 (labelled "extrapolated"). Results: OUT_DIR/model_<device
+tag>.json with the device, jax version and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.bench_kernels import git_commit, log
+from benchmarks.bench_local import device_tag
+from rtpurbo_jax import generate as gen
+from rtpurbo_jax.cache import empty_cache, kv_cache_bytes
+from rtpurbo_jax.config import ModelConfig, SparseConfig
+from rtpurbo_jax.indexer import init_indexer
+from rtpurbo_jax.model import init_params
+
+DESIGNS = ("dense", "paper", "indexer")
+SMOKE_CONFIG = ModelConfig(family="llama", vocab_size=96, hidden_size=64, intermediate_size=96,
+                           num_layers=2, num_heads=8, num_kv_heads=4, head_dim=16,
+                           max_position_embeddings=4096, name="tiny-random")
+SMOKE = dict(lengths=[512], decode_batches=[1, 2], window=128, decode_steps=2, block=64)
+BLOCK = 64  # key and query blocks of both sparse designs
+RANK = 16  # indexer rank
+TOP_P = 0.95
+INDEXER_SAMPLES = 256  # random queries the indexer is initialised from
+SEED = 0
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    if args.smoke:
+        return SMOKE_CONFIG
+    arch = dict(importlib.import_module("configs.llama_1m").get_config().model.arch)
+    if args.layers:
+        arch["num_hidden_layers"] = args.layers
+    return ModelConfig.from_hf(arch, name="Llama-3-8B shapes (random)")
+
+
+def sparse_config(design: str, config: ModelConfig, length: int,
+                  args: argparse.Namespace) -> SparseConfig | None:
+    """The design with `retrieval_groups` KV groups routed per layer and its selections capped
+    at `density` of the causal key blocks of `length` tokens."""
+    if design == "dense":
+        return None
+    local_blocks = 1 if design == "paper" else 2
+    # The cap can't drop the sink and local blocks every selection keeps.
+    cap = max(1 + local_blocks, math.ceil(args.density * length / BLOCK))
+    common = dict(rank=RANK, top_p=TOP_P, block_q=BLOCK, block_k=BLOCK, max_blocks=cap,
+                  sink_blocks=1, local_blocks=local_blocks)
+    if design == "paper":
+        row = tuple(h // config.group_size < args.retrieval_groups
+                    for h in range(config.num_heads))
+        return SparseConfig((row,) * config.num_layers, design="paper",
+                            group_size=config.group_size, sink_tokens=4,
+                            window=args.window, **common)
+    row = tuple(g < args.retrieval_groups for g in range(config.num_kv_heads))
+    return SparseConfig((row,) * config.num_layers, **common)
+
+
+def random_indexer(config: ModelConfig, sparse: SparseConfig | None) -> Any:
+    if sparse is None:
+        return None
+    rng = np.random.default_rng(SEED)
+    queries = [rng.normal(size=(INDEXER_SAMPLES, config.num_heads, config.head_dim))
+               for _ in range(config.num_layers)]
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
+                        init_indexer(queries, config, sparse))
+
+
+def random_cache(config: ModelConfig, sparse: SparseConfig | None, batch: int, max_len: int,
+                 filled: int, dtype: Any) -> dict[str, Any]:
+    """A cache of `filled` random positions per row, allocated once (no zeroed copy)."""
+    shapes = jax.eval_shape(lambda: empty_cache(config, batch, max_len, dtype, sparse))
+
+    @jax.jit
+    def make(key):
+        leaves, tree = jax.tree.flatten(shapes["layers"])
+        keys = jax.random.split(key, len(leaves))
+        layers = [jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves,
+                                                                          strict=True)]
+        return {"layers": jax.tree.unflatten(tree, layers),
+                "lengths": jnp.full((batch,), filled, jnp.int32)}
+
+    return make(jax.random.key(SEED))
+
+
+def memory_bytes(compiled: Any) -> int | None:
+    """What XLA says the program needs: arguments + outputs - aliased + temporaries."""
+    try:
+        m = compiled.memory_analysis()
+    except (AttributeError, NotImplementedError):
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes)
+
+
+def is_out_of_memory(err: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
+
+
+def timed(fn: Callable[[], Any], runs: int) -> float:
+    """Median milliseconds of `runs` calls after one untimed call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+def prefill_row(params: Any, config: ModelConfig, design: str, length: int,
+                args: argparse.Namespace) -> dict[str, Any]:
+    """Time to first token of one `length`-token prompt (batch 1)."""
+    sparse = sparse_config(design, config, length, args)
+    indexer = random_indexer(config, sparse)
+    tokens = jax.random.randint(jax.random.key(SEED), (1, length), 0, config.vocab_size)
+    lengths = jnp.array([length], jnp.int32)
+    if args.prefill_chunk:
+        from rtpurbo_jax.chunked_prefill import prefill_chunked
+
+        run = partial(prefill_chunked, chunk=args.prefill_chunk)
+    else:
+        run = gen.prefill
+    fn = jax.jit(partial(run, config=config, max_len=length, backend=args.backend,
+                         sparse=sparse))
+    row = {"bench": "model_prefill", "design": design, "length": length, "batch": 1,
+           "kv_bytes": kv_cache_bytes(config, sparse, 1, length, args.dtype)["total"],
+           "density": None if sparse is None else args.density, "note": None}
+    try:
+        compiled = fn.lower(params, tokens, lengths, indexer=indexer).compile()
+        row["peak_bytes"] = memory_bytes(compiled)
+        row["ms"] = timed(lambda: compiled(params, tokens, lengths, indexer=indexer),
+                          args.prefill_runs)
+    except Exception as err:  # noqa: BLE001 - only out-of-memory is a result
+        if not is_out_of_memory(err):
+            raise
+        row.update(ms=None, peak_bytes=None, note="does not fit")
+    return row
+
+
+def decode_row(params: Any, config: ModelConfig, design: str, length: int, batch: int,
+               args: argparse.Namespace) -> dict[str, Any]:
+    """One decode step of `batch` rows at `length` cached tokens."""
+    sparse = sparse_config(design, config, length, args)
+    indexer = random_indexer(config, sparse)
+    row = {"bench": "model_decode", "design": design, "length": length, "batch": batch,
+           "kv_bytes": kv_cache_bytes(config, sparse, batch, length + args.decode_steps,
+                                      args.dtype)["total"],
+           "density": None if sparse is None else args.density, "note": None}
+    step = jax.jit(partial(gen.decode_step, config=config, backend=args.backend, sparse=sparse),
+                   donate_argnums=(1,))
+    tokens = jnp.zeros((batch,), jnp.int32)
+    try:
+        cache = random_cache(config, sparse, batch, length + args.decode_steps, length,
+                             args.dtype)
+        compiled = step.lower(params, cache, tokens, indexer=indexer).compile()
+        row["peak_bytes"] = memory_bytes(compiled)
+        _, cache, _ = compiled(params, cache, tokens, indexer=indexer)  # warm
+        start = time.perf_counter()
+        for _ in range(args.decode_steps - 1):
+            logits, cache, _ = compiled(params, cache, tokens, indexer=indexer)
+        jax.block_until_ready(logits)
+        ms = (time.perf_counter() - start) * 1e3 / max(1, args.decode_steps - 1)
+        row.update(ms=ms, tokens_per_s=batch * 1e3 / ms)
+        del cache
+    except Exception as err:  # noqa: BLE001 - only out-of-memory is a result
+        if not is_out_of_memory(err):
+            raise
+        row.update(ms=None, peak_bytes=None, tokens_per_s=None, note="does not fit")
+    return row
+
+
+def extrapolate_dense(rows: list[dict[str, Any]]) -> None:
+    """Dense prefill rows that did not fit get a time from a + b*L + c*L^2 fitted to the dense
+    rows measured in this run (three or more; with two, c from the larger and b from both)."""
+    measured = [(r["length"], r["ms"]) for r in rows
+                if r["bench"] == "model_prefill" and r["design"] == "dense" and r["ms"]]
+    if len(measured) < 2:
+        return
+    lengths, ms = (np.array(x, np.float64) for x in zip(*sorted(measured), strict=True))
+    degree = min(2, len(measured) - 1)
+    coeffs = np.polyfit(lengths, ms, degree)
+    for r in rows:
+        if r["bench"] == "model_prefill" and r["design"] == "dense" and r["ms"] is None:
+            r["extrapolated_ms"] = float(np.polyval(coeffs, r["length"]))
+            r["note"] = (f"does not fit; extrapolated from a degree-{degree} fit to the dense "
+                         f"prefill at {sorted(int(x) for x in lengths)}")
+
+
+def attach_dense(rows: list[dict[str, Any]]) -> None:
+    """dense_ms, dense_kv_bytes and speedup of every row against the dense row of its bench,
+    length and batch (measured, else extrapolated)."""
+    for r in rows:
+        dense = next((d for d in rows if d["design"] == "dense" and d["bench"] == r["bench"]
+                      and d["length"] == r["length"] and d["batch"] == r["batch"]), None)
+        dense_ms = None if dense is None else dense.get("ms") or dense.get("extrapolated_ms")
+        r["dense_ms"] = dense_ms
+        r["dense_kv_bytes"] = None if dense is None else dense["kv_bytes"]
+        r["speedup"] = dense_ms / r["ms"] if dense_ms and r["ms"] else None
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    log("\nbench          design   length  batch        ms   dense_ms  speedup  kv GiB  note")
+    for r in rows:
+        def f(x, spec):
+            return format(x, spec) if x is not None else "-"
+        log(f"{r['bench']:<14} {r['design']:<8} {r['length']:>7} {r['batch']:>5} "
+            f"{f(r['ms'], '10.2f')} {f(r['dense_ms'], '10.2f')} {f(r['speedup'], '8.2f')} "
+            f"{r['kv_bytes'] / 2**30:7.2f}  {r['note'] or ''}")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    def ints(s):
+        return [int(x) for x in s.split(",") if x]
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="a tiny random model on CPU")
+    p.add_argument("--out-dir", default=None,
+                   help="default benchmarks/results (--smoke: a fresh temp dir)")
+    p.add_argument("--designs", type=lambda s: s.split(","), default=list(DESIGNS))
+    p.add_argument("--lengths", type=ints, default=[131072])
+    p.add_argument("--decode-batches", type=ints, default=[1, 16])
+    p.add_argument("--layers", type=int, default=None, help="default: the config's")
+    p.add_argument("--density", type=float, default=0.1)
+    p.add_argument("--retrieval-groups", type=int, default=1)
+    p.add_argument("--window", type=int, default=8192)
+    p.add_argument("--prefill-chunk", type=int, default=None)
+    p.add_argument("--prefill-runs", type=int, default=3)
+    p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--skip", type=lambda s: s.split(","), default=[],
+                   help="sections to leave out: prefill, decode")
+    args = p.parse_args(argv)
+    unknown = set(args.designs) - set(DESIGNS)
+    if unknown:
+        p.error(f"unknown designs {sorted(unknown)}: choose from {DESIGNS}")
+    if args.smoke:
+        args.lengths, args.decode_batches = SMOKE["lengths"], SMOKE["decode_batches"]
+        args.window, args.decode_steps, args.prefill_runs = (
+            SMOKE["window"], SMOKE["decode_steps"], 1)
+    args.dtype = jnp.bfloat16
+    args.backend = "auto" if jax.default_backend() == "gpu" else "reference"
+    if args.out_dir is None:
+        args.out_dir = (tempfile.mkdtemp(prefix="bench_model_") if args.smoke
+                        else "benchmarks/results")
+    return args
+
+
+def main(argv: Sequence[str]) -> None:
+    args = parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", None) or device.platform
+    config = model_config(args)
+    params = init_params(config, jax.random.key(SEED), args.dtype)
+    path = os.path.join(args.out_dir, f"model_{device_tag(kind)}.json")
+    result = {"device": kind, "jax_version": jax.__version__, "commit": git_commit(),
+              "config": {k: v for k, v in vars(args).items() if k not in ("dtype",)}
+              | {"model": config.name, "layers": config.num_layers, "dtype": "bfloat16"},
+              "rows": []}
+    log(f"{kind} jax {jax.__version__} commit {result['commit']} -> {path}")
+
+    def save() -> None:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+    for length in args.lengths:
+        for design in args.designs:
+            if "prefill" not in args.skip:
+                result["rows"].append(prefill_row(params, config, design, length, args))
+                log(json.dumps(result["rows"][-1]))
+                save()
+            if "decode" not in args.skip:
+                for batch in args.decode_batches:
+                    result["rows"].append(decode_row(params, config, design, length, batch,
+                                                     args))
+                    log(json.dumps(result["rows"][-1]))
+                    save()
+    extrapolate_dense(result["rows"])
+    attach_dense(result["rows"])
+    save()
+    print_table(result["rows"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
