@@ -294,11 +294,12 @@ def planted_layer(key, batch: int, length: int, q_len: int | None = None
 
 def select_prefill_kernel(q: jax.Array, k: jax.Array, ki: jax.Array | None, lengths: jax.Array,
                           sparse: SparseConfig, layer_indexer: dict[str, jax.Array],
-                          backend: str = LAYER_BACKEND) -> Selection:
+                          backend: str = LAYER_BACKEND, q_offset: int | jax.Array = 0
+                          ) -> Selection:
     """`rtpurbo_jax.selection.select_prefill` (same signature) for the "indexer" scorer, through
     the kernels whatever the backend."""
     del k, backend  # the oracle scorer's input; the kernels always
-    q_start = jnp.zeros((q.shape[0],), jnp.int32)
+    q_start = jnp.full((q.shape[0],), q_offset, jnp.int32)
     qi = indexer_queries(q, layer_indexer["wq"])
     return indexer_topp(qi, ki, q_start, lengths, block_q=sparse.block_q,
                         block_k=sparse.block_k, scale=1.0 / sparse.temperature,

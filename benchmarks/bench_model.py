@@ -62,7 +62,7 @@ DESIGNS = ("dense", "paper", "indexer")
 SMOKE_CONFIG = ModelConfig(family="llama", vocab_size=96, hidden_size=64, intermediate_size=96,
                            num_layers=2, num_heads=8, num_kv_heads=4, head_dim=16,
                            max_position_embeddings=4096, name="tiny-random")
-SMOKE = dict(lengths=[512], decode_batches=[1, 2], window=128, decode_steps=2, block=64)
+SMOKE = dict(lengths=[512], decode_batches=[1, 2], window=128, decode_steps=2, prefill_chunk=256)
 BLOCK = 64  # key and query blocks of both sparse designs
 RANK = 16  # indexer rank
 TOP_P = 0.95
@@ -161,12 +161,8 @@ def prefill_row(params: Any, config: ModelConfig, design: str, length: int,
     indexer = random_indexer(config, sparse)
     tokens = jax.random.randint(jax.random.key(SEED), (1, length), 0, config.vocab_size)
     lengths = jnp.array([length], jnp.int32)
-    if args.prefill_chunk:
-        from rtpurbo_jax.chunked_prefill import prefill_chunked
-
-        run = partial(prefill_chunked, chunk=args.prefill_chunk)
-    else:
-        run = gen.prefill
+    run = (partial(gen.prefill_chunked, chunk=args.prefill_chunk) if args.prefill_chunk
+           else gen.prefill)
     fn = jax.jit(partial(run, config=config, max_len=length, backend=args.backend,
                          sparse=sparse))
     row = {"bench": "model_prefill", "design": design, "length": length, "batch": 1,
@@ -283,6 +279,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.lengths, args.decode_batches = SMOKE["lengths"], SMOKE["decode_batches"]
         args.window, args.decode_steps, args.prefill_runs = (
             SMOKE["window"], SMOKE["decode_steps"], 1)
+        args.prefill_chunk = args.prefill_chunk or SMOKE["prefill_chunk"]
     args.dtype = jnp.bfloat16
     args.backend = "auto" if jax.default_backend() == "gpu" else "reference"
     if args.out_dir is None:

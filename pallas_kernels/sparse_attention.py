@@ -104,7 +104,7 @@ def sparse_attention_reference(
     block_q: int,
     block_k: int,
     lengths: jax.Array | None = None,
-    q_offset: int = 0,
+    q_offset: int | jax.Array = 0,
     sm_scale: float | None = None,
     window: int | None = None,
     sink_tokens: int = 0,
@@ -118,7 +118,7 @@ def sparse_attention_reference(
       block_counts: [batch, num_kv_heads, num_q_blocks] int32.
       block_q, block_k: query rows per selection list, key positions per key block.
       lengths: [batch] int32 valid keys per row; defaults to kv_len.
-      q_offset: absolute position of query 0.
+      q_offset: absolute position of query 0 (an int or a traced int32 scalar).
       sm_scale: softmax scale; defaults to 1 / sqrt(head_dim).
       window, sink_tokens: when window is not None, a query at t sees key s only if
         s < sink_tokens or s > t - window (on top of the lists, causality and the length).
@@ -232,8 +232,8 @@ def _online_softmax_step(carry, q, k, v, mask, *, qk_scale, precision):
 
 
 def _prefill_kernel(
-    q_ref, k_ref, v_ref, idx_ref, range_ref, len_ref, o_ref, *,
-    num_tiles: int, tile_q: int, block_k: int, group: int, q_len: int, q_offset: int,
+    q_ref, k_ref, v_ref, idx_ref, range_ref, len_ref, off_ref, o_ref, *,
+    num_tiles: int, tile_q: int, block_k: int, group: int, q_len: int,
     max_sel: int, qk_scale: float, fold_heads: bool, precision, window: int | None,
     sink_tokens: int,
 ):
@@ -241,7 +241,9 @@ def _prefill_kernel(
 
     q_ref, o_ref: [tile_q, G, D]; k_ref, v_ref: [kv_len, D]; idx_ref: [max_sel];
     range_ref: [2] = (n_full, n_live): list entries [0, n_full) are causal for every row of the
-    tile (no mask), [n_full, n_live) cross the diagonal or the length (masked); len_ref: scalar.
+    tile (no mask), [n_full, n_live) cross the diagonal or the length (masked); len_ref: scalar;
+    off_ref: scalar, the absolute position of query 0 (read at run time: one compiled kernel
+    serves every chunk of a chunked prefill).
     With a window, range_ref is [WINDOW_RANGE_SLOTS] = (n_full, n_live, n_head, _): entries
     [0, n_head) hold a key older than some row's window (masked), [n_head, n_full) are fully
     visible to every row, [n_full, n_live) masked as without a window.
@@ -261,7 +263,7 @@ def _prefill_kernel(
     n_full = range_ref[0]
     n_live = range_ref[1]
     length = len_ref[()]
-    p_first = q_offset + row0
+    p_first = off_ref[()] + row0
     if fold_heads:
         q_pos = p_first + lax.div(lax.iota(jnp.int32, tile_q * group), group)
     else:
@@ -330,7 +332,8 @@ def _prefill_kernel(
 
 
 def _tile_ranges(block_indices, block_counts, lengths, *, tile_q: int, tiles_per_block: int,
-                 block_k: int, q_len: int, q_offset: int, window: int | None = None):
+                 block_k: int, q_len: int, q_offset: int | jax.Array,
+                 window: int | None = None):
     """Per program tile, the unmasked and the live prefix of its (ascending) list.
 
     Returns [B, K, num_tiles, 2] int32: n_full = entries whose every key is causal for every
@@ -378,7 +381,7 @@ def default_prefill_params(tile_rows: int) -> tuple[int, int]:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "block_q", "block_k", "q_offset", "sm_scale", "interpret", "num_warps", "num_stages",
+        "block_q", "block_k", "sm_scale", "interpret", "num_warps", "num_stages",
         "tile_q", "fold_heads", "window", "sink_tokens",
     ),
 )
@@ -392,7 +395,7 @@ def sparse_attention(
     block_q: int,
     block_k: int,
     lengths: jax.Array | None = None,
-    q_offset: int = 0,
+    q_offset: int | jax.Array = 0,
     sm_scale: float | None = None,
     interpret: bool = False,
     num_warps: int | None = None,
@@ -410,7 +413,8 @@ def sparse_attention(
       block_counts: [batch, num_kv_heads, num_q_blocks] int32.
       block_q, block_k: selection granularity (powers of 2, >= 16).
       lengths: [batch] int32, valid keys per row (<= kv_len); defaults to kv_len.
-      q_offset: absolute position of query 0 (static).
+      q_offset: absolute position of query 0: an int or a traced int32 scalar (not static, so
+        the chunks of a chunked prefill share one compiled kernel).
       sm_scale: softmax scale; defaults to 1 / sqrt(head_dim).
       interpret: run the kernel in Pallas interpret mode (CPU tests).
       num_warps, num_stages: Triton launch parameters; defaults from the tile size.
@@ -454,12 +458,14 @@ def sparse_attention(
 
     kernel = functools.partial(
         _prefill_kernel, num_tiles=num_tiles, tile_q=tile_q, block_k=block_k, group=group,
-        q_len=q_len, q_offset=q_offset, max_sel=max_sel,
+        q_len=q_len, max_sel=max_sel,
         qk_scale=_default_sm_scale(head_dim, sm_scale) * LOG2_E, fold_heads=fold_heads,
         precision=precision, window=window, sink_tokens=sink_tokens,
     )
     block_indices = block_indices.astype(jnp.int32)
     lengths = lengths.astype(jnp.int32)
+    # Per row, like the lengths, so that it travels through the same scalar BlockSpec.
+    offsets = jnp.full((batch,), q_offset, jnp.int32)
     ranges = _tile_ranges(
         block_indices, block_counts.astype(jnp.int32), lengths, tile_q=tile_q,
         tiles_per_block=tiles_per_block, block_k=block_k, q_len=q_len, q_offset=q_offset,
@@ -495,10 +501,11 @@ def sparse_attention(
             pl.BlockSpec((None, None, None, max_sel), list_map),
             pl.BlockSpec((None, None, None, ranges.shape[-1]), range_map),
             pl.BlockSpec((None,), len_map),
+            pl.BlockSpec((None,), len_map),
         ],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="sparse_attention_prefill",
-    )(q, k, v, block_indices, ranges, lengths)
+    )(q, k, v, block_indices, ranges, lengths, offsets)

@@ -134,20 +134,27 @@ class SparseModel:
                              f"({limit} tokens)")
 
     def __call__(
-        self, input_ids: Any, lengths: Any = None, attention_mask: Any = None
+        self, input_ids: Any, lengths: Any = None, attention_mask: Any = None,
+        prefill_chunk: int | None = None,
     ) -> jax.Array:
         """Logits [batch, seq, vocab] (float32) of a right-padded batch; see `right_pad`.
 
         With attention_mask the rows are re-aligned to start at position 0, so logit i of a row is
         that of its i-th real token. The batch runs padded to its bucket (`buckets`).
+        prefill_chunk: run the batch in chunks of that many query tokens against a growing KV
+        cache (`generate.prefill_chunked`: memory bounded by the chunk); None: in one pass.
         """
         tokens, lengths = right_pad(input_ids, lengths, attention_mask)
         seq = tokens.shape[1]
         self._check_length(seq)
         width = min(bucket(seq, self.buckets), self.config.max_position_embeddings)
-        logits, _ = gen.forward(self.params, jnp.asarray(pad_columns(tokens, width)),
-                                jnp.asarray(lengths), self.config, self.backend, self.sparse,
-                                self.indexer)
+        args = (self.params, jnp.asarray(pad_columns(tokens, width)), jnp.asarray(lengths),
+                self.config, self.backend, self.sparse, self.indexer)
+        if prefill_chunk is None:
+            logits, _ = gen.forward(*args)
+        else:
+            gen.check_prefill_chunk(prefill_chunk, self.sparse)
+            logits, _ = gen.forward_chunked(*args, chunk=prefill_chunk)
         return logits if width == seq else logits[:, :seq]
 
     def generate(
@@ -163,16 +170,21 @@ class SparseModel:
         seed: int = 0,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
+        prefill_chunk: int | None = None,
     ) -> np.ndarray:
         """New tokens [batch, max_new_tokens]: per row up to and including EOS, then pad_token_id.
 
         Greedy by default; temperature > 0 samples (optionally top-k / top-p) with `seed`.
         eos_token_id defaults to the config's; pass () to never stop early. The batch runs with
         its prompt padded to its bucket and room for max_new_tokens rounded up to its bucket
-        (`buckets`); the steps themselves stop at max_new_tokens.
+        (`buckets`); the steps themselves stop at max_new_tokens. prefill_chunk: run the prompt
+        in chunks of that many query tokens (`generate.prefill_chunked`: memory bounded by the
+        chunk and the cache, for long prompts); None: in one pass.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prefill_chunk is not None:
+            gen.check_prefill_chunk(prefill_chunk, self.sparse)
         tokens, lengths = right_pad(input_ids, lengths, attention_mask)
         prompt_len = int(lengths.max())  # columns past every row's length are padding
         self._check_length(prompt_len + max_new_tokens)
@@ -189,7 +201,7 @@ class SparseModel:
             self.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
             np.int32(max_new_tokens), config=self.config, max_new_tokens=capacity,
             sampling=sampling, eos_ids=eos, pad_id=pad, backend=self.backend,
-            sparse=self.sparse, indexer=self.indexer,
+            sparse=self.sparse, indexer=self.indexer, prefill_chunk=prefill_chunk,
         )
         return np.asarray(out)[:, :max_new_tokens]
 

@@ -46,19 +46,52 @@ def _use_cudnn(q: jax.Array, backend: str) -> bool:
     return backend != "reference" and cudnn_supported(q)
 
 
+# Block sizes of the causal lists that run a prefill chunk's dense heads through the
+# block-sparse kernel (`causal_block_lists`).
+CHUNK_DENSE_BLOCK_Q = 64
+CHUNK_DENSE_BLOCK_K = 64
+
+
 def dense_prefill(
     q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, backend: str,
-    sliding_window: int | None = None,
+    sliding_window: int | None = None, q_offset: int | jax.Array = 0,
 ) -> jax.Array:
-    """Causal attention of a right-padded batch over itself.
+    """Causal attention of a right-padded batch's queries at positions q_offset .. q_offset+seq-1
+    over keys at 0 .. kv_len-1.
 
-    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; lengths: [batch].
+    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim] (the prompt
+    itself, or a cache holding a prefill chunk's keys); lengths: [batch]. q_offset: 0 for a
+    whole prompt, a traced scalar for a chunk of one.
     """
-    positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
-    if _use_cudnn(q, backend):
-        return dense_attention_cudnn(q, k, v, positions, lengths, causal_from_zero=True,
-                                     sliding_window=sliding_window)
+    from_zero = isinstance(q_offset, int) and q_offset == 0
+    if from_zero and _use_cudnn(q, backend):
+        return dense_attention_cudnn(q, k, v, jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2]),
+                                     lengths, causal_from_zero=True, sliding_window=sliding_window)
+    if not from_zero and use_pallas(backend):
+        # cuDNN's causal mask starts at query 0; a chunk's start at q_offset. The block-sparse
+        # kernel listing every causal block is flash attention with that offset.
+        indices, counts = causal_block_lists(q_offset, q.shape[1], k.shape[1], k.shape[0],
+                                             k.shape[2])
+        return sparse_attention(q, k, v, indices, counts, block_q=CHUNK_DENSE_BLOCK_Q,
+                                block_k=CHUNK_DENSE_BLOCK_K, lengths=lengths, q_offset=q_offset,
+                                window=sliding_window, interpret=not on_gpu())
+    positions = q_offset + jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
     return dense_attention_reference(q, k, v, positions, lengths, sliding_window=sliding_window)
+
+
+def causal_block_lists(q_offset: int | jax.Array, q_len: int, kv_len: int, batch: int,
+                       kv_heads: int) -> tuple[jax.Array, jax.Array]:
+    """Every causal key block of each query block (CHUNK_DENSE_BLOCK_Q queries from q_offset),
+    in the block-sparse kernel's list format: (indices [batch, kv_heads, nq, nk], counts
+    [batch, kv_heads, nq]). The kernel masks the diagonal, lengths and any window per token."""
+    bq, bk = CHUNK_DENSE_BLOCK_Q, CHUNK_DENSE_BLOCK_K
+    nq, nk = -(-q_len // bq), -(-kv_len // bk)
+    last = q_offset + jnp.minimum((jnp.arange(nq) + 1) * bq, q_len) - 1  # [nq]
+    counts = jnp.minimum(last // bk + 1, nk).astype(jnp.int32)
+    j = jnp.arange(nk, dtype=jnp.int32)
+    indices = jnp.where(j < counts[:, None], j, counts[:, None] - 1)  # repeat the last listed
+    shape = (batch, kv_heads, nq)
+    return jnp.broadcast_to(indices, shape + (nk,)), jnp.broadcast_to(counts, shape)
 
 
 def dense_decode(
@@ -85,38 +118,56 @@ def _zero_stats() -> jax.Array:
 def layer_prefill(
     q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, layer: int,
     config: ModelConfig, sparse: SparseConfig | None, layer_indexer: dict[str, jax.Array],
-    backend: str,
+    backend: str, q_offset: int | jax.Array = 0,
+    layer_cache: dict[str, jax.Array] | None = None, prompt_len: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
-    """One layer's attention over a right-padded prompt starting at position 0.
+    """One layer's attention over a right-padded prompt: whole, or one chunk of it.
 
-    Returns (out like q, the cache parts {k, v, ks, vs, ki} of this prompt, selection stats
-    [selected blocks, candidate blocks]).
+    q: [b, seq, heads, d]; k, v: [b, seq, kv_heads, d].
+    Whole prompt (layer_cache None, q_offset 0): returns (out like q, the cache parts
+    {k, v, ks, vs, ki} of this prompt, selection stats [selected blocks, candidate blocks]).
+    A chunk (layer_cache: the layer's cache, holding positions 0 .. q_offset-1): its queries
+    sit at q_offset .. q_offset+seq-1; its parts are written into the cache at q_offset first,
+    then it attends over the cache. Returns (out, the updated cache, stats). prompt_len: the
+    whole prompt's width; the selection scores the cache's first prompt_len keys, the keys a
+    whole-prompt pass scores, so that the lists match it (`select_prefill`).
     """
     dense, sparse_groups = layer_groups(config, sparse, layer)
     g_size = config.group_size
-    pieces, cache_parts, stats = [], {}, _zero_stats()
+    parts = {}
     if dense:
-        heads, kv = query_heads(dense, g_size), np.array(dense, np.int32)
-        kd, vd = take_heads(k, kv), take_heads(v, kv)
-        pieces.append((heads, dense_prefill(take_heads(q, heads), kd, vd, lengths, backend=backend,
-                                            sliding_window=config.sliding_window)))
-        cache_parts.update(k=kd, v=vd)
+        kv = np.array(dense, np.int32)
+        parts.update(k=take_heads(k, kv), v=take_heads(v, kv))
     if sparse_groups:
-        heads, kv = query_heads(sparse_groups, g_size), np.array(sparse_groups, np.int32)
-        qs, ks, vs = take_heads(q, heads), take_heads(k, kv), take_heads(v, kv)
-        ki = indexer_keys(ks, layer_indexer["wk"]) if sparse.scorer == "indexer" else None
-        indices, counts = select_prefill(qs, ks, ki, lengths, sparse, layer_indexer, backend)
-        kwargs = dict(block_q=sparse.block_q, block_k=sparse.block_k, lengths=lengths)
+        kv = np.array(sparse_groups, np.int32)
+        parts.update(ks=take_heads(k, kv), vs=take_heads(v, kv))
+        if sparse.scorer == "indexer":
+            parts["ki"] = indexer_keys(parts["ks"], layer_indexer["wk"])
+    starts = jnp.full_like(lengths, q_offset)
+    keys = parts if layer_cache is None else write_parts(layer_cache, parts, starts)
+    pieces, stats = [], _zero_stats()
+    if dense:
+        heads = query_heads(dense, g_size)
+        pieces.append((heads, dense_prefill(take_heads(q, heads), keys["k"], keys["v"], lengths,
+                                            backend=backend, sliding_window=config.sliding_window,
+                                            q_offset=q_offset)))
+    if sparse_groups:
+        heads = query_heads(sparse_groups, g_size)
+        qs = take_heads(q, heads)
+        width = q.shape[1] if prompt_len is None else prompt_len
+        scored = {name: keys[name][:, :width] for name in ("ks", "ki") if name in keys}
+        indices, counts = select_prefill(qs, scored["ks"], scored.get("ki"), lengths, sparse,
+                                         layer_indexer, backend, q_offset=q_offset)
+        kwargs = dict(block_q=sparse.block_q, block_k=sparse.block_k, lengths=lengths,
+                      q_offset=q_offset)
+        args = (qs, keys["ks"], keys["vs"], indices, counts)
         if use_pallas(backend):
-            out = sparse_attention(qs, ks, vs, indices, counts, interpret=not on_gpu(), **kwargs)
+            out = sparse_attention(*args, interpret=not on_gpu(), **kwargs)
         else:
-            out = sparse_attention_reference(qs, ks, vs, indices, counts, **kwargs)
+            out = sparse_attention_reference(*args, **kwargs)
         pieces.append((heads, out))
-        cache_parts.update(ks=ks, vs=vs)
-        if ki is not None:
-            cache_parts["ki"] = ki
-        stats = selection_stats(counts, jnp.zeros_like(lengths), lengths, q.shape[1], sparse)
-    return merge_heads(pieces, config.num_heads), cache_parts, stats
+        stats = selection_stats(counts, starts, lengths, q.shape[1], sparse)
+    return merge_heads(pieces, config.num_heads), keys, stats
 
 
 def layer_decode(
@@ -170,25 +221,37 @@ def _is_paper(sparse: SparseConfig | None) -> bool:
 
 def prefill_attend(
     config: ModelConfig, lengths: jax.Array, backend: str, sparse: SparseConfig | None = None,
-    indexer: dict[str, Any] | None = None,
+    indexer: dict[str, Any] | None = None, q_offset: jax.Array | None = None,
+    prompt_len: int | None = None,
 ) -> AttendFn:
-    """An `attend` for a right-padded prompt starting at position 0.
+    """An `attend` for a right-padded prompt starting at position 0, or (q_offset given) for one
+    chunk of a longer one, its queries at q_offset .. (`generate.prefill_chunked`; prompt_len:
+    the whole prompt's width).
 
-    The layer state going in is the layer's cache dict (filled at positions 0 .. seq-1), or None
-    for a forward pass without a cache; coming out it is {"cache": ..., "stats": ...}.
+    Whole prompt: the layer state going in is the layer's cache dict (filled at positions
+    0 .. seq-1), or None for a forward pass without a cache. A chunk: the layer's cache holding
+    positions 0 .. q_offset-1, which the chunk is written into. Coming out the state is
+    {"cache": ..., "stats": ...}.
     """
+    chunked = q_offset is not None
+    offset = q_offset if chunked else 0
 
     def attend(i: int, qkv: QKV, layer_cache: Any):
         layer_indexer = indexer["layers"][i] if indexer is not None else {}
-        starts = jnp.zeros_like(lengths)
+        into = layer_cache if chunked else None
         if _is_paper(sparse):
             ring = layer_cache["kw"].shape[1] if layer_cache and "kw" in layer_cache else None
             out, parts, stats = paper_attention.layer_prefill(
-                qkv, lengths, i, config, sparse, layer_indexer, backend, dense_prefill, ring)
+                qkv, lengths, i, config, sparse, layer_indexer, backend, dense_prefill, ring,
+                q_offset=offset, layer_cache=into)
         else:
             out, parts, stats = layer_prefill(qkv.q, qkv.k, qkv.v, lengths, i, config, sparse,
-                                              layer_indexer, backend)
-        if layer_cache is not None:
+                                              layer_indexer, backend, q_offset=offset,
+                                              layer_cache=into, prompt_len=prompt_len)
+        if chunked:
+            layer_cache = parts  # already the updated cache
+        elif layer_cache is not None:
+            starts = jnp.zeros_like(lengths)
             layer_cache = write_parts(layer_cache, parts, starts, starts)
         return out, {"cache": layer_cache, "stats": stats}
 

@@ -65,26 +65,46 @@ def ring_filled(lengths: jax.Array, size: int) -> jax.Array:
     return jnp.minimum(lengths, size)
 
 
-def ring_from_prefill(x: jax.Array, lengths: jax.Array, sparse: SparseConfig, size: int
-                      ) -> jax.Array:
-    """The ring a prompt leaves: x: [batch, seq, groups, dim] at positions 0 .. seq-1, rows
-    valid up to lengths[b] -> [batch, size, groups, dim] (unfilled slots zero).
+def ring_positions(filled: jax.Array, sparse: SparseConfig, size: int
+                   ) -> tuple[jax.Array, jax.Array]:
+    """What a ring holds once positions 0 .. filled[b]-1 were written: (the absolute position in
+    each slot [batch, size], whether the slot holds one [batch, size]).
 
-    Slot j holds the newest position p < lengths[b] whose slot is j.
+    Slot j holds the newest position p < filled[b] whose slot is j.
     """
     sink = sparse.sink_tokens
     period = max(size - sink, 1)
     slot = jnp.arange(size)
     offset = slot - sink  # within the window part
-    # Newest p = sink + offset + period * n with p < length: n = (length - 1 - sink - offset)
+    # Newest p = sink + offset + period * n with p < filled: n = (filled - 1 - sink - offset)
     # // period, valid when that is >= 0.
-    n = (lengths[:, None] - 1 - sink - offset[None]) // period
+    n = (filled[:, None] - 1 - sink - offset[None]) // period
     windowed = sink + offset[None] + period * jnp.maximum(n, 0)
-    pos = jnp.where(slot[None] < sink, slot[None], windowed)  # [batch, size]
-    valid = jnp.where(slot[None] < sink, slot[None] < lengths[:, None], n >= 0)
-    pos = jnp.clip(pos, 0, x.shape[1] - 1)
-    ring = jnp.take_along_axis(x, pos[:, :, None, None], axis=1)
-    return jnp.where(valid[:, :, None, None], ring, jnp.zeros_like(ring))
+    pos = jnp.where(slot[None] < sink, slot[None], windowed)
+    valid = jnp.where(slot[None] < sink, slot[None] < filled[:, None], n >= 0)
+    return pos, valid
+
+
+def ring_from_prefill(x: jax.Array, lengths: jax.Array, sparse: SparseConfig, size: int,
+                      start: int | jax.Array = 0, ring: jax.Array | None = None) -> jax.Array:
+    """The ring after writing x: [batch, seq, groups, dim], positions start .. start+seq-1, rows
+    valid up to lengths[b], into `ring` ([batch, size, groups, dim] holding positions
+    0 .. start-1; None: an empty ring, for a whole prompt from start 0) -> [batch, size, groups,
+    dim] (unfilled slots zero).
+
+    Slot j holds the newest position p < min(lengths[b], start + seq) whose slot is j: from x
+    when p >= start, else as `ring` holds it. A gather rather than a scatter of x: a chunk
+    longer than the window maps several positions to one slot, and only the newest may land.
+    """
+    filled = jnp.minimum(lengths, start + x.shape[1])
+    pos, valid = ring_positions(filled, sparse, size)
+    from_x = valid & (pos >= start)
+    at = jnp.clip(pos - start, 0, x.shape[1] - 1)
+    taken = jnp.take_along_axis(x, at[:, :, None, None], axis=1)
+    # Slots not taken from x hold what `ring` holds there: a position before start, or nothing
+    # yet (zero, as `ring` itself has it).
+    old = jnp.zeros_like(taken) if ring is None else ring.astype(taken.dtype)
+    return jnp.where(from_x[:, :, None, None], taken, old)
 
 
 def layer_part_shapes(config: ModelConfig, sparse: SparseConfig | None, layer: int, batch: int,
@@ -142,16 +162,18 @@ def kv_cache_bytes(config: ModelConfig, sparse: SparseConfig | None, batch: int,
 
 
 def write_rows(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Writes new[b] into buffer[b, starts[b] : starts[b] + new.shape[1]] for every row b.
+    """Writes new[b] into buffer[b, starts[b] : starts[b] + new.shape[1]] for every row b;
+    positions past the buffer's end are dropped.
 
-    buffer: [batch, max_len, ...]; new: [batch, seq, ...]; starts: [batch] int32.
+    buffer: [batch, max_len, ...]; new: [batch, seq, ...]; starts: [batch] int32 (>= 0).
+    One scatter, one position per index (what a per-row dynamic_update_slice lowers to anyway),
+    so that a prefill chunk padded past the cache's end drops its padding instead of being
+    shifted back over valid positions, as a clamped dynamic_update_slice would.
     """
-
-    def one(row: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
-        index = (start,) + (0,) * (row.ndim - 1)
-        return jax.lax.dynamic_update_slice(row, update.astype(row.dtype), index)
-
-    return jax.vmap(one)(buffer, new, starts)
+    rows = jnp.arange(new.shape[0])[:, None]
+    positions = starts[:, None] + jnp.arange(new.shape[1])
+    return buffer.at[rows, positions].set(new.astype(buffer.dtype), mode="drop",
+                                          indices_are_sorted=True, unique_indices=True)
 
 
 def write_parts(layer_cache: dict[str, jax.Array], parts: dict[str, jax.Array],

@@ -2,7 +2,8 @@
 
 Both follow one mask convention, shared with the sparse kernels:
   q: [batch, q_len, heads, head_dim] at absolute positions q_positions [batch, q_len];
-  k, v: [batch, kv_len, kv_heads, head_dim] at positions 0 .. kv_len-1;
+  k, v: [batch, kv_len, kv_heads, head_dim] at positions 0 .. kv_len-1 (the reference also
+  takes explicit key positions: a ring buffer's slots followed by a prefill chunk);
   key j is visible to a query at position p iff j <= p and j < kv_lengths[b] (and, with a sliding
   window w, j > p - w or j < sink_tokens: the paper's local heads, sinks + window); a query with
   p >= kv_lengths[b] is padding and outputs 0.
@@ -23,10 +24,14 @@ def _scale(head_dim: int, sm_scale: float | None) -> float:
 
 def visible_keys(
     q_positions: jax.Array, kv_len: int, kv_lengths: jax.Array, sliding_window: int | None,
-    sink_tokens: int = 0,
+    sink_tokens: int = 0, key_positions: jax.Array | None = None,
 ) -> jax.Array:
-    """[batch, q_len, kv_len] bool: which keys each query may attend to."""
-    kpos = jnp.arange(kv_len)[None, None, :]
+    """[batch, q_len, kv_len] bool: which keys each query may attend to.
+
+    key_positions: [batch, kv_len] absolute position of each key (None: 0 .. kv_len-1); a key
+    that holds nothing should carry a position past every query (it is then never visible).
+    """
+    kpos = (jnp.arange(kv_len)[None] if key_positions is None else key_positions)[:, None, :]
     qpos = q_positions[:, :, None]
     mask = (kpos <= qpos) & (kpos < kv_lengths[:, None, None])
     if sliding_window is not None:
@@ -65,8 +70,10 @@ def dense_attention_reference(
     sliding_window: int | None = None,
     sink_tokens: int = 0,
     sm_scale: float | None = None,
+    key_positions: jax.Array | None = None,
 ) -> jax.Array:
-    """Dense attention in chunks of queries (see the module docstring for the mask)."""
+    """Dense attention in chunks of queries (see the module docstring for the mask; see
+    `visible_keys` for key_positions)."""
     b, t, h, d = q.shape
     scale = _scale(d, sm_scale)
     chunk = min(t, REFERENCE_Q_CHUNK)
@@ -80,7 +87,8 @@ def dense_attention_reference(
     def one_chunk(i: jax.Array) -> jax.Array:
         qc = jax.lax.dynamic_slice_in_dim(q_pad, i * chunk, chunk, axis=1)
         pc = jax.lax.dynamic_slice_in_dim(pos_pad, i * chunk, chunk, axis=1)
-        mask = visible_keys(pc, k.shape[1], kv_lengths, sliding_window, sink_tokens)
+        mask = visible_keys(pc, k.shape[1], kv_lengths, sliding_window, sink_tokens,
+                            key_positions)
         mask &= (pc < kv_lengths[:, None])[:, :, None]
         return masked_softmax_attention(qc, k, v, mask[:, None], scale)
 

@@ -127,6 +127,101 @@ def prefill(
     return logits, {"layers": layers, "lengths": lengths.astype(jnp.int32)}, _sum_stats(states)
 
 
+def check_prefill_chunk(chunk: int, sparse: SparseConfig | None) -> None:
+    """Raises ValueError unless `chunk` query tokens can split a prompt (`prefill_chunked`)."""
+    if chunk < 1:
+        raise ValueError(f"prefill_chunk must be a positive number of tokens, got {chunk}")
+    if sparse is not None and chunk % sparse.block_q:
+        # A query block shares one selection: one straddling two chunks could not select as a
+        # whole-prompt pass does.
+        fit = max(sparse.block_q, chunk // sparse.block_q * sparse.block_q)
+        raise ValueError(f"prefill_chunk ({chunk}) must be a multiple of the sparse config's "
+                         f"block_q ({sparse.block_q}); use e.g. {fit}")
+
+
+def _prefill_chunks(
+    params: Params, tokens: jax.Array, lengths: jax.Array, config: ModelConfig, max_len: int,
+    backend: str, sparse: SparseConfig | None, indexer: Indexer, chunk: int,
+    every_position: bool,
+) -> tuple[jax.Array, Cache, jax.Array]:
+    """Runs the prompt `chunk` queries at a time against the growing cache (see
+    `prefill_chunked`). Returns (final normed hidden states: of every position [batch,
+    chunks * chunk, embed] with every_position, else of each row's last prompt token [batch,
+    embed]; the filled cache; selection stats [2])."""
+    check_prefill_chunk(chunk, sparse)
+    b, t = tokens.shape
+    num_chunks = -(-t // chunk)
+    # The last chunk is padded to `chunk`, so one compiled step serves every chunk: the lengths
+    # mask the padding, and its cache writes past max_len are dropped.
+    padded = jnp.pad(tokens, ((0, 0), (0, num_chunks * chunk - t)))
+    lengths = lengths.astype(jnp.int32)
+    cache = empty_cache(config, b, max_len, params["embed"].dtype, sparse)
+    dtype = jnp.result_type(params["embed"], params["final_norm"])
+    out = jnp.zeros((b, num_chunks * chunk if every_position else 1, config.hidden_size), dtype)
+    last = jnp.maximum(lengths - 1, 0)  # each row's last prompt token, as `last_valid` reads it
+
+    def step(i: jax.Array, carry: tuple[Any, ...]) -> tuple[Any, ...]:
+        layers, out, stats = carry
+        offset = i * chunk
+        attend = prefill_attend(config, lengths, backend, sparse, indexer, q_offset=offset,
+                                prompt_len=t)
+        hidden, states = decoder(params, jax.lax.dynamic_slice_in_dim(padded, offset, chunk, 1),
+                                 offset + _positions(b, chunk), config, attend, layers)
+        if every_position:
+            out = jax.lax.dynamic_update_slice_in_dim(out, hidden, offset, axis=1)
+        else:  # keep the last token's state from the chunk that holds it
+            at = last - offset
+            here = (at >= 0) & (at < chunk)
+            mine = last_valid(hidden, jnp.clip(at, 0, chunk - 1) + 1)[:, None]
+            out = jnp.where(here[:, None, None], mine, out)
+        return [s["cache"] for s in states], out, stats + _sum_stats(states)
+
+    init = (cache["layers"], out, jnp.zeros((2,), jnp.float32))
+    layers, out, stats = jax.lax.fori_loop(0, num_chunks, step, init)
+    hidden = out if every_position else out[:, 0]
+    return hidden, {"layers": layers, "lengths": lengths}, stats
+
+
+def prefill_chunked(
+    params: Params,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    config: ModelConfig,
+    max_len: int,
+    backend: str,
+    sparse: SparseConfig | None = None,
+    indexer: Indexer = None,
+    *,
+    chunk: int,
+) -> tuple[jax.Array, Cache, jax.Array]:
+    """`prefill` with the prompt run `chunk` query tokens at a time (the last chunk may be
+    short), each chunk attending to the cache that the earlier chunks filled plus itself
+    (causal): activation memory is bounded by the chunk, not the prompt.
+
+    tokens: [batch, seq] right-padded; lengths: [batch]. chunk: a multiple of the sparse
+    config's block_q when sparse (`check_prefill_chunk`). Returns what `prefill` returns: the
+    same logits (up to float32 reordering), cache and stats, the sparse groups selecting the
+    very blocks a one-pass prefill selects. One compiled chunk step serves every chunk (a
+    fori_loop over a traced offset).
+    """
+    hidden, cache, stats = _prefill_chunks(params, tokens, lengths, config, max_len, backend,
+                                           sparse, indexer, chunk, every_position=False)
+    return lm_logits(params, hidden, config), cache, stats
+
+
+@functools.partial(jax.jit, static_argnames=("config", "backend", "sparse", "chunk"))
+def forward_chunked(
+    params: Params, tokens: jax.Array, lengths: jax.Array, config: ModelConfig, backend: str,
+    sparse: SparseConfig | None = None, indexer: Indexer = None, *, chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`forward` run as `prefill_chunked` runs a prompt: (float32 logits [batch, seq, vocab],
+    selection stats [2])."""
+    t = tokens.shape[1]
+    hidden, _, stats = _prefill_chunks(params, tokens, lengths, config, t, backend, sparse,
+                                       indexer, chunk, every_position=True)
+    return lm_logits(params, hidden[:, :t], config), stats
+
+
 def decode_step(
     params: Params, cache: Cache, tokens: jax.Array, config: ModelConfig, backend: str,
     sparse: SparseConfig | None = None, indexer: Indexer = None,
@@ -166,7 +261,7 @@ def sample(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.A
 
 @functools.partial(
     jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_ids", "pad_id",
-                              "backend", "sparse")
+                              "backend", "sparse", "prefill_chunk")
 )
 def generate(
     params: Params,
@@ -183,19 +278,27 @@ def generate(
     backend: str,
     sparse: SparseConfig | None = None,
     indexer: Indexer = None,
+    prefill_chunk: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Generates up to max_new_tokens per row after a right-padded prompt.
 
     tokens: [batch, prompt_len]; lengths: [batch]. new_tokens: an int32 scalar <= max_new_tokens,
     the steps to run (None: max_new_tokens). Traced, so one compiled program serves every
     new_tokens up to its capacity max_new_tokens (the static output and cache size).
+    prefill_chunk: run the prompt in chunks of that many query tokens (`prefill_chunked`);
+    None: in one pass.
     Returns ([batch, max_new_tokens] int32: each row's new tokens, its end-of-sequence token
     included, then pad_id; selection stats [2, 2]: the prompt's (row 0) and the decode steps'
     summed (row 1), each [attended, candidates]).
     """
     b, t = tokens.shape
-    logits, cache, stats = prefill(params, tokens, lengths, config, t + max_new_tokens, backend,
-                                   sparse, indexer)
+    if prefill_chunk is None:
+        logits, cache, stats = prefill(params, tokens, lengths, config, t + max_new_tokens,
+                                       backend, sparse, indexer)
+    else:
+        logits, cache, stats = prefill_chunked(params, tokens, lengths, config,
+                                               t + max_new_tokens, backend, sparse, indexer,
+                                               chunk=prefill_chunk)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
     steps = max_new_tokens if new_tokens is None else jnp.minimum(new_tokens, max_new_tokens)

@@ -29,7 +29,14 @@ import numpy as np
 
 from pallas_kernels.local_attention import local_attention
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_reference
-from rtpurbo_jax.cache import ring_filled, ring_from_prefill, ring_slots, write_parts
+from rtpurbo_jax.cache import (
+    RING_PARTS,
+    ring_filled,
+    ring_from_prefill,
+    ring_positions,
+    ring_slots,
+    write_parts,
+)
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.dense import dense_attention_reference
 from rtpurbo_jax.indexer import indexer_keys
@@ -83,48 +90,120 @@ def _local_heads_prefill(qkv: QKV, lengths: jax.Array, local: tuple[int, ...], g
     return local_prefill(*_local_heads_qkv(qkv, local, group_size), lengths, sparse, backend)
 
 
-def _prefill_stats(lengths: jax.Array, sparse: SparseConfig, layer: int) -> jax.Array:
-    """[attended, causal] keys of a prefill from position 0, over rows and query heads."""
-    n = lengths.astype(jnp.float32)
-    causal = n * (n + 1) / 2
+def _prefill_stats(lengths: jax.Array, sparse: SparseConfig, layer: int,
+                   q_offset: int | jax.Array = 0, q_len: int | None = None) -> jax.Array:
+    """[attended, causal] keys of the queries at positions q_offset .. q_offset+q_len-1 (q_len
+    None: a whole prompt from 0), over rows and query heads."""
     span = float(sparse.sink_tokens + sparse.window)
-    # A local head's query at position t sees min(t + 1, sinks + window) keys.
-    local = jnp.where(n <= span, causal, span * (span + 1) / 2 + (n - span) * span)
+
+    def up_to(n: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(causal, local) keys summed over query positions 0 .. n-1."""
+        causal = n * (n + 1) / 2
+        # A local head's query at position t sees min(t + 1, sinks + window) keys.
+        local = jnp.where(n <= span, causal, span * (span + 1) / 2 + (n - span) * span)
+        return causal, local
+
+    n = lengths.astype(jnp.float32)
+    if q_len is None:
+        causal, local = up_to(n)
+    else:  # a chunk: what the positions below q_offset see was counted before it
+        causal, local = up_to(jnp.minimum(n, q_offset + q_len))
+        causal_before, local_before = up_to(jnp.minimum(n, q_offset))
+        causal, local = causal - causal_before, local - local_before
     r, heads = len(sparse.retrieval_heads(layer)), len(sparse.retrieval_mask[layer])
     return jnp.stack([jnp.sum(r * causal + (heads - r) * local), jnp.sum(heads * causal)])
 
 
+def _local_heads_chunk(qkv: QKV, cache: dict[str, jax.Array], old_ring: dict[str, jax.Array],
+                       lengths: jax.Array, q_offset: jax.Array, layer: int, config: ModelConfig,
+                       sparse: SparseConfig) -> list[tuple[tuple[int, ...], jax.Array]]:
+    """Sinks + window of a prefill chunk's local heads (queries at q_offset ..): over the ring
+    as it was before the chunk, then the chunk's own keys, for all-local groups; over the full
+    cache (the chunk written) for local heads of groups that also hold a retrieval head.
+
+    The ring before the chunk holds the sinks and the newest `window` positions below q_offset:
+    every earlier key any of the chunk's queries can see. Masked dense attention with explicit
+    key positions, on every backend: its keys are ring + chunk, bounded by the chunk.
+    """
+    gs = config.group_size
+    window = sparse.window_groups(layer)
+    ring_heads = tuple(int(h) for h in query_heads(window, gs))
+    mixed = tuple(h for h in sparse.local_heads(layer) if h // gs not in window)
+    c = qkv.q.shape[1]
+    q_pos = q_offset + jnp.broadcast_to(jnp.arange(c), (lengths.shape[0], c))
+    mask = dict(sliding_window=sparse.window, sink_tokens=sparse.sink_tokens)
+    pieces = []
+    if ring_heads:
+        idx = np.asarray(window, np.int32)
+        held, valid = ring_positions(jnp.minimum(lengths, q_offset), sparse,
+                                     old_ring["kw"].shape[1])
+        # Empty slots sit past every query, so no query sees them.
+        held = jnp.where(valid, held, jnp.iinfo(jnp.int32).max)
+        k_pos = jnp.concatenate([held, q_pos], axis=1)
+        k, v = (jnp.concatenate([old_ring[name], take_heads(x, idx)], axis=1)
+                for name, x in (("kw", qkv.k), ("vw", qkv.v)))
+        pieces.append((ring_heads, dense_attention_reference(
+            take_heads(qkv.q, np.asarray(ring_heads, np.int32)), k, v, q_pos, lengths,
+            key_positions=k_pos, **mask)))
+    if mixed:
+        at = head_kv_layout(mixed, gs, sparse.full_groups(layer))
+        pieces.append((mixed, dense_attention_reference(
+            take_heads(qkv.q, np.asarray(mixed, np.int32)), take_heads(cache["k"], at),
+            take_heads(cache["v"], at), q_pos, lengths, **mask)))
+    return pieces
+
+
 def layer_prefill(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
                   sparse: SparseConfig, layer_indexer: dict[str, jax.Array], backend: str,
-                  dense_prefill: Any, ring: int | None
+                  dense_prefill: Any, ring: int | None, q_offset: int | jax.Array = 0,
+                  layer_cache: dict[str, jax.Array] | None = None,
                   ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
-    """One layer over a right-padded prompt from position 0.
+    """One layer over a right-padded prompt: whole from position 0, or one chunk of it.
 
-    Returns (out like q, the cache parts {k, v, kw, vw, ki} of this prompt, stats [2]).
-    `dense_prefill(q, k, v, lengths, backend=)` is the dense causal attention to use; `ring`
-    the slots of the cache's ring buffers (None: no cache, no ring parts).
+    Whole prompt (layer_cache None): returns (out like q, the cache parts {k, v, kw, vw, ki} of
+    this prompt, stats [2]); `ring` is the slots of the cache's ring buffers (None: no cache,
+    no ring parts). A chunk (layer_cache: the layer's cache holding positions 0 .. q_offset-1;
+    its queries at q_offset ..): its positional parts are written into the cache first, the
+    retrieval heads attend densely over it, the local heads as `_local_heads_chunk`, and the
+    ring takes the chunk's newest positions; returns (out, the updated cache, stats).
+    `dense_prefill(q, k, v, lengths, backend=, q_offset=)` is the dense causal attention to use.
     """
     gs = config.group_size
     retrieval, local = sparse.retrieval_heads(layer), sparse.local_heads(layer)
     full, window = sparse.full_groups(layer), sparse.window_groups(layer)
+    chunked = layer_cache is not None
     pieces, parts = [], {}
     if full:
         full_index = np.asarray(full, np.int32)
-        kf, vf = take_heads(qkv.k, full_index), take_heads(qkv.v, full_index)
-        parts.update(k=kf, v=vf)
-        at = head_kv_layout(retrieval, gs, full)
-        pieces.append((retrieval, dense_prefill(take_heads(qkv.q, np.asarray(retrieval, np.int32)),
-                                                take_heads(kf, at), take_heads(vf, at), lengths,
-                                                backend=backend)))
+        parts.update(k=take_heads(qkv.k, full_index), v=take_heads(qkv.v, full_index))
         if sparse.scorer == "indexer":
             parts["ki"] = indexer_keys(head_keys(qkv.k_pre, retrieval, gs), layer_indexer["wk"])
-    if local:
+    keys = parts
+    if chunked:
+        positional = {name: layer_cache[name] for name in parts}
+        keys = write_parts(positional, parts, jnp.full_like(lengths, q_offset))
+    if full:
+        at = head_kv_layout(retrieval, gs, full)
+        pieces.append((retrieval, dense_prefill(take_heads(qkv.q, np.asarray(retrieval, np.int32)),
+                                                take_heads(keys["k"], at),
+                                                take_heads(keys["v"], at), lengths,
+                                                backend=backend, q_offset=q_offset)))
+    if local and chunked:
+        pieces += _local_heads_chunk(qkv, keys, layer_cache, lengths, q_offset, layer, config,
+                                     sparse)
+    elif local:
         pieces.append((local, _local_heads_prefill(qkv, lengths, local, gs, sparse, backend)))
+    ring = layer_cache["kw"].shape[1] if chunked and window else ring
     if window and ring is not None:
         for name, x in (("kw", qkv.k), ("vw", qkv.v)):
+            old = layer_cache[name] if chunked else None
             parts[name] = ring_from_prefill(take_heads(x, np.asarray(window, np.int32)), lengths,
-                                            sparse, ring)
-    return merge_heads(pieces, config.num_heads), parts, _prefill_stats(lengths, sparse, layer)
+                                            sparse, ring, start=q_offset, ring=old)
+    q_len = qkv.q.shape[1] if chunked else None
+    stats = _prefill_stats(lengths, sparse, layer, q_offset, q_len)
+    state = {**layer_cache, **keys, **{n: parts[n] for n in RING_PARTS if n in parts}
+             } if chunked else parts
+    return merge_heads(pieces, config.num_heads), state, stats
 
 
 def blocks_to_mask(indices: jax.Array, counts: jax.Array, num_blocks: int) -> jax.Array:

@@ -83,8 +83,9 @@ def _indexer_logits(q: jax.Array, ki: jax.Array, q_start: jax.Array, lengths: ja
 
 
 def _oracle_logits_prefill(q: jax.Array, k: jax.Array, lengths: jax.Array,
-                           sparse: SparseConfig) -> jax.Array:
-    mass = block_attention_mass(q, k, lengths, block_q=sparse.block_q, block_k=sparse.block_k)
+                           sparse: SparseConfig, q_offset: int | jax.Array) -> jax.Array:
+    mass = block_attention_mass(q, k, lengths, block_q=sparse.block_q, block_k=sparse.block_k,
+                                q_offset=q_offset)
     return jnp.log(mass)
 
 
@@ -120,20 +121,25 @@ def select_prefill(
     sparse: SparseConfig,
     layer_indexer: dict[str, jax.Array],
     backend: str = "reference",
+    q_offset: int | jax.Array = 0,
 ) -> Selection:
-    """Block lists of a right-padded prompt starting at position 0.
+    """Block lists of a right-padded prompt's queries at positions q_offset .. q_offset+t-1
+    (0: a whole prompt; a multiple of block_q: one chunk of a longer prompt).
 
-    q: [b, t, groups * group_size, d]; k: [b, t, groups, d] (the sparse groups only);
-    ki: [b, t, groups, rank] indexer keys (for the "indexer" scorer).
+    q: [b, t, groups * group_size, d]; k: [b, kv_len, groups, d] (the sparse groups only, keys
+    at 0 .. kv_len-1); ki: [b, kv_len, groups, rank] indexer keys (for the "indexer" scorer).
+    Query blocks sit at absolute multiples of block_q and keys past a block's last valid query
+    are never candidates, so a chunk selects exactly the blocks a whole-prompt pass selects for
+    its query blocks when both see the same kv_len (the lists' length depends on it).
     """
     b, t = q.shape[:2]
-    q_start = jnp.zeros((b,), jnp.int32)
+    q_start = jnp.full((b,), q_offset, jnp.int32)
     if sparse.scorer == "indexer":
         logits, last = _indexer_logits(q, ki, q_start, lengths, sparse, layer_indexer, backend)
         return _select_from_logits(logits, last, sparse, backend)
     _, last = query_block_extent(q_start, lengths, t, sparse.block_q)
     if sparse.scorer == "oracle":
-        logits = _oracle_logits_prefill(q, k, lengths, sparse)
+        logits = _oracle_logits_prefill(q, k, lengths, sparse, q_offset)
     else:
         nq, nk = -(-t // sparse.block_q), -(-k.shape[1] // sparse.block_k)
         logits = jnp.zeros((b, k.shape[2], nq, nk), jnp.float32)

@@ -52,11 +52,13 @@ def block_attention_mass(
     block_q: int,
     block_k: int,
     sm_scale: float | None = None,
+    q_offset: int | jax.Array = 0,
 ) -> jax.Array:
     """Attention mass per (query block, key block), averaged over the group's heads and rows.
 
-    q: [batch, seq, heads, head_dim] at positions 0 .. seq-1; k: [batch, seq, kv_heads, head_dim];
-    lengths: [batch]. Returns [batch, kv_heads, num_q_blocks, num_k_blocks] float32: for each
+    q: [batch, seq, heads, head_dim] at positions q_offset .. q_offset+seq-1; k: [batch, kv_len,
+    kv_heads, head_dim] at positions 0 .. kv_len-1 (kv_len = seq for a whole prompt); lengths:
+    [batch]. Returns [batch, kv_heads, num_q_blocks, num_k_blocks] float32: for each
     query block with a valid row a distribution over key blocks (sums to 1); zeros otherwise.
     """
     b, t, h, d = q.shape
@@ -71,7 +73,7 @@ def block_attention_mass(
 
     def one_chunk(c: jax.Array) -> jax.Array:
         qc = jax.lax.dynamic_slice_in_dim(q_pad, c * chunk, chunk, axis=1)
-        pos = c * chunk + jnp.broadcast_to(jnp.arange(chunk), (b, chunk))
+        pos = q_offset + c * chunk + jnp.broadcast_to(jnp.arange(chunk), (b, chunk))
         probs = attention_probs(qc, k_pad, pos, lengths, scale)  # [b, hkv, g, chunk, S]
         per_block = probs.reshape(b, hkv, h // hkv, blocks_per_chunk, block_q, nk, block_k)
         mass = per_block.sum(axis=(2, 4, 6))  # [b, hkv, blocks_per_chunk, nk]
