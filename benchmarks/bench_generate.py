@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_kernels import git_commit, log
-from benchmarks.bench_local import device_tag
+from benchmarks.bench_local import device_kind, device_tag
 from rtpurbo_jax.api import SparseModel, load
 from rtpurbo_jax.buckets import generate_shape
 from rtpurbo_jax.compiles import count_compiles
@@ -123,8 +123,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str]) -> None:
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    device = jax.devices()[0]
-    kind = getattr(device, "device_kind", None) or device.platform
+    kind = device_kind()
     model = build_model(args)
     result = {
         "device": kind, "jax_version": jax.__version__, "commit": git_commit(),

@@ -102,6 +102,12 @@ SMOKE_WINDOWS = [64, 40]
 SMOKE_CHECK_LENGTH = 160
 
 
+def device_kind() -> str:
+    """The default device's kind ("NVIDIA H100 80GB HBM3"), or its platform where it has none."""
+    device = jax.devices()[0]
+    return getattr(device, "device_kind", None) or device.platform
+
+
 def device_tag(kind: str) -> str:
     """Short file-name tag of a device kind: "NVIDIA H100 80GB HBM3" -> "h100", "cpu" -> "cpu"."""
     words = [w for w in re.split(r"[^a-z0-9]+", kind.lower()) if w and w != "nvidia"]
@@ -272,8 +278,7 @@ def main(argv: Sequence[str]) -> None:
     setup = SMOKE if args.smoke else REAL
     sections = set(args.sections.split(","))
     os.makedirs(args.out_dir, exist_ok=True)
-    device = jax.devices()[0]
-    kind = getattr(device, "device_kind", None) or device.platform
+    kind = device_kind()
     result = {
         "device": kind, "jax_version": jax.__version__, "commit": git_commit(),
         "config": {"smoke": args.smoke, "lengths": args.lengths, "windows": args.windows,

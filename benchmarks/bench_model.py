@@ -51,9 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_kernels import git_commit, log
-from benchmarks.bench_local import device_tag
+from benchmarks.bench_local import device_kind, device_tag
 from rtpurbo_jax import generate as gen
 from rtpurbo_jax.cache import empty_cache, kv_cache_bytes
+from rtpurbo_jax.compiles import memory_analysis, needed_bytes
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.indexer import init_indexer
 from rtpurbo_jax.model import init_params
@@ -128,15 +129,9 @@ def random_cache(config: ModelConfig, sparse: SparseConfig | None, batch: int, m
 
 
 def memory_bytes(compiled: Any) -> int | None:
-    """What XLA says the program needs: arguments + outputs - aliased + temporaries."""
-    try:
-        m = compiled.memory_analysis()
-    except (AttributeError, NotImplementedError):
-        return None
-    if m is None:
-        return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-               + m.temp_size_in_bytes)
+    """What XLA says the program needs (None where the backend does not say)."""
+    memory = memory_analysis(compiled)
+    return int(needed_bytes(memory)) if memory else None
 
 
 def is_out_of_memory(err: Exception) -> bool:
@@ -291,8 +286,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str]) -> None:
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    device = jax.devices()[0]
-    kind = getattr(device, "device_kind", None) or device.platform
+    kind = device_kind()
     config = model_config(args)
     params = init_params(config, jax.random.key(SEED), args.dtype)
     path = os.path.join(args.out_dir, f"model_{device_tag(kind)}.json")

@@ -153,7 +153,6 @@ class SparseModel:
         if prefill_chunk is None:
             logits, _ = gen.forward(*args)
         else:
-            gen.check_prefill_chunk(prefill_chunk, self.sparse)
             logits, _ = gen.forward_chunked(*args, chunk=prefill_chunk)
         return logits if width == seq else logits[:, :seq]
 
@@ -183,8 +182,6 @@ class SparseModel:
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if prefill_chunk is not None:
-            gen.check_prefill_chunk(prefill_chunk, self.sparse)
         tokens, lengths = right_pad(input_ids, lengths, attention_mask)
         prompt_len = int(lengths.max())  # columns past every row's length are padding
         self._check_length(prompt_len + max_new_tokens)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 
@@ -33,3 +34,17 @@ def count_compiles() -> Iterator[collections.Counter[str]]:
         yield counts
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def memory_analysis(compiled: Any) -> dict[str, float]:
+    """XLA's memory analysis of a compiled program: {"argument", "output", "temp", "alias"}
+    bytes; empty where the backend reports none."""
+    analysis = compiled.memory_analysis()
+    return {} if analysis is None else {
+        name: float(getattr(analysis, f"{name}_size_in_bytes", 0))
+        for name in ("argument", "output", "temp", "alias")}
+
+
+def needed_bytes(memory: dict[str, float]) -> float:
+    """What a program needs on its device: arguments + outputs - aliased + temporaries."""
+    return memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rtpurbo_jax.compiles import memory_analysis, needed_bytes
 from rtpurbo_jax.config import ConfigError, ModelConfig, SparseConfig
 from rtpurbo_jax.generate import hidden_states, training_hidden
 from rtpurbo_jax.lora import apply_lora, check_lora, init_lora, lora_axes
@@ -218,18 +219,14 @@ def compile_step(step: Any, mesh: Any, state: Any, teacher: Params, tokens: jax.
         batch_sharding(mesh, tokens.shape[0], 1), cached_sharding),
         out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
     compiled = jitted.lower(state, teacher, tokens, lengths, cached).compile()
-    analysis = compiled.memory_analysis()
-    memory = {} if analysis is None else {
-        name: float(getattr(analysis, f"{name}_size_in_bytes", 0))
-        for name in ("argument", "output", "temp", "alias")}
-    return compiled, memory
+    return compiled, memory_analysis(compiled)
 
 
 def memory_line(memory: dict[str, float]) -> str:
     """One line: what the step needs against what the device has."""
     if not memory:
         return "stage 2 step: this backend reports no memory analysis"
-    need = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+    need = needed_bytes(memory)
     stats = jax.devices()[0].memory_stats() or {}
     limit = stats.get("bytes_limit")
     have = f" of the {limit / GIB:.1f} GiB on {jax.devices()[0].device_kind}" if limit else ""
