@@ -138,6 +138,29 @@ def is_out_of_memory(err: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
 
 
+def device_bytes() -> int | None:
+    """The memory XLA may use on the first device (None where the backend does not say)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def too_big(params: Any, kv_bytes: int) -> str | None:
+    """A "does not fit" note when the weights and the KV cache alone exceed the device (no
+    compile spent on it: XLA's autotuner takes minutes to fail), else None."""
+    limit = device_bytes()
+    weights = sum(x.nbytes for x in jax.tree.leaves(params))
+    if limit is None or weights + kv_bytes <= limit:
+        return None
+    return (f"does not fit: weights {weights / 2**30:.1f} GiB + KV cache "
+            f"{kv_bytes / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB on the device")
+
+
+def oom_note(err: Exception) -> str:
+    """"does not fit" with the first line of XLA's message."""
+    first = next((line for line in str(err).splitlines() if line.strip()), "")
+    return f"does not fit: {first[:200]}"
+
+
 def timed(fn: Callable[[], Any], runs: int) -> float:
     """Median milliseconds of `runs` calls after one untimed call."""
     jax.block_until_ready(fn())
@@ -163,6 +186,9 @@ def prefill_row(params: Any, config: ModelConfig, design: str, length: int,
     row = {"bench": "model_prefill", "design": design, "length": length, "batch": 1,
            "kv_bytes": kv_cache_bytes(config, sparse, 1, length, args.dtype)["total"],
            "density": None if sparse is None else args.density, "note": None}
+    row["note"] = too_big(params, row["kv_bytes"])
+    if row["note"]:
+        return row | {"ms": None, "peak_bytes": None}
     try:
         compiled = fn.lower(params, tokens, lengths, indexer=indexer).compile()
         row["peak_bytes"] = memory_bytes(compiled)
@@ -171,7 +197,7 @@ def prefill_row(params: Any, config: ModelConfig, design: str, length: int,
     except Exception as err:  # noqa: BLE001 - only out-of-memory is a result
         if not is_out_of_memory(err):
             raise
-        row.update(ms=None, peak_bytes=None, note="does not fit")
+        row.update(ms=None, peak_bytes=None, note=oom_note(err))
     return row
 
 
@@ -187,6 +213,9 @@ def decode_row(params: Any, config: ModelConfig, design: str, length: int, batch
     step = jax.jit(partial(gen.decode_step, config=config, backend=args.backend, sparse=sparse),
                    donate_argnums=(1,))
     tokens = jnp.zeros((batch,), jnp.int32)
+    row["note"] = too_big(params, row["kv_bytes"])
+    if row["note"]:
+        return row | {"ms": None, "peak_bytes": None, "tokens_per_s": None}
     try:
         cache = random_cache(config, sparse, batch, length + args.decode_steps, length,
                              args.dtype)
@@ -203,25 +232,37 @@ def decode_row(params: Any, config: ModelConfig, design: str, length: int, batch
     except Exception as err:  # noqa: BLE001 - only out-of-memory is a result
         if not is_out_of_memory(err):
             raise
-        row.update(ms=None, peak_bytes=None, tokens_per_s=None, note="does not fit")
+        row.update(ms=None, peak_bytes=None, tokens_per_s=None, note=oom_note(err))
     return row
 
 
+def _fill_from_fit(rows: list[dict[str, Any]], bench: str, key: str, same: Callable[[dict], bool],
+                   max_degree: int, what: str) -> None:
+    """Dense rows of `bench` that did not fit get `extrapolated_ms` from a polynomial in `key`
+    (degree up to max_degree, less with fewer points) fitted to the measured dense rows for
+    which same(row) holds."""
+    dense = [r for r in rows if r["bench"] == bench and r["design"] == "dense"]
+    for r in dense:
+        if r["ms"] is not None:
+            continue
+        measured = sorted((d[key], d["ms"]) for d in dense if d["ms"] and same(d, r))
+        if len(measured) < 2:
+            continue
+        x, ms = (np.array(v, np.float64) for v in zip(*measured, strict=True))
+        degree = min(max_degree, len(measured) - 1)
+        r["extrapolated_ms"] = float(np.polyval(np.polyfit(x, ms, degree), r[key]))
+        r["note"] = (f"{r['note']}; extrapolated from a degree-{degree} fit to the dense "
+                     f"{what} at {key} {[int(v) for v in x]}")
+
+
 def extrapolate_dense(rows: list[dict[str, Any]]) -> None:
-    """Dense prefill rows that did not fit get a time from a + b*L + c*L^2 fitted to the dense
-    rows measured in this run (three or more; with two, c from the larger and b from both)."""
-    measured = [(r["length"], r["ms"]) for r in rows
-                if r["bench"] == "model_prefill" and r["design"] == "dense" and r["ms"]]
-    if len(measured) < 2:
-        return
-    lengths, ms = (np.array(x, np.float64) for x in zip(*sorted(measured), strict=True))
-    degree = min(2, len(measured) - 1)
-    coeffs = np.polyfit(lengths, ms, degree)
-    for r in rows:
-        if r["bench"] == "model_prefill" and r["design"] == "dense" and r["ms"] is None:
-            r["extrapolated_ms"] = float(np.polyval(coeffs, r["length"]))
-            r["note"] = (f"does not fit; extrapolated from a degree-{degree} fit to the dense "
-                         f"prefill at {sorted(int(x) for x in lengths)}")
+    """Dense rows that did not fit get a time fitted to the dense rows measured in this run:
+    prefill from a + b*L + c*L^2 over lengths (three or more; with two, a line); decode from
+    a + b*batch over the batches measured at the same length (a step reads the weights once
+    and each row's cache once)."""
+    _fill_from_fit(rows, "model_prefill", "length", lambda d, r: True, 2, "prefill")
+    _fill_from_fit(rows, "model_decode", "batch", lambda d, r: d["length"] == r["length"], 1,
+                   "decode")
 
 
 def attach_dense(rows: list[dict[str, Any]]) -> None:
@@ -284,6 +325,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str]) -> None:
+    # What fits is one of the results: let XLA use the whole GPU, not its default 75% (set
+    # before the backend starts; an explicit setting wins).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     kind = device_kind()

@@ -20,7 +20,7 @@ import numpy as np
 from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_reference
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_reference
 from rtpurbo_jax import paper_attention
-from rtpurbo_jax.cache import layer_groups, write_parts
+from rtpurbo_jax.cache import layer_groups, write_parts, write_parts_at
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.dense import cudnn_supported, dense_attention_cudnn, dense_attention_reference
 from rtpurbo_jax.indexer import indexer_keys
@@ -143,8 +143,7 @@ def layer_prefill(
         parts.update(ks=take_heads(k, kv), vs=take_heads(v, kv))
         if sparse.scorer == "indexer":
             parts["ki"] = indexer_keys(parts["ks"], layer_indexer["wk"])
-    starts = jnp.full_like(lengths, q_offset)
-    keys = parts if layer_cache is None else write_parts(layer_cache, parts, starts)
+    keys = parts if layer_cache is None else write_parts_at(layer_cache, parts, q_offset)
     pieces, stats = [], _zero_stats()
     if dense:
         heads = query_heads(dense, g_size)
@@ -166,7 +165,8 @@ def layer_prefill(
         else:
             out = sparse_attention_reference(*args, **kwargs)
         pieces.append((heads, out))
-        stats = selection_stats(counts, starts, lengths, q.shape[1], sparse)
+        stats = selection_stats(counts, jnp.full_like(lengths, q_offset), lengths, q.shape[1],
+                                sparse)
     return merge_heads(pieces, config.num_heads), keys, stats
 
 
@@ -251,8 +251,7 @@ def prefill_attend(
         if chunked:
             layer_cache = parts  # already the updated cache
         elif layer_cache is not None:
-            starts = jnp.zeros_like(lengths)
-            layer_cache = write_parts(layer_cache, parts, starts, starts)
+            layer_cache = write_parts_at(layer_cache, parts, 0)
         return out, {"cache": layer_cache, "stats": stats}
 
     return attend

@@ -166,14 +166,30 @@ def write_rows(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Arra
     positions past the buffer's end are dropped.
 
     buffer: [batch, max_len, ...]; new: [batch, seq, ...]; starts: [batch] int32 (>= 0).
-    One scatter, one position per index (what a per-row dynamic_update_slice lowers to anyway),
-    so that a prefill chunk padded past the cache's end drops its padding instead of being
-    shifted back over valid positions, as a clamped dynamic_update_slice would.
+    One scatter, one position per index (what a per-row dynamic_update_slice lowers to anyway):
+    a decode step's writes, each row at its own length.
     """
     rows = jnp.arange(new.shape[0])[:, None]
     positions = starts[:, None] + jnp.arange(new.shape[1])
     return buffer.at[rows, positions].set(new.astype(buffer.dtype), mode="drop",
                                           indices_are_sorted=True, unique_indices=True)
+
+
+def write_at(buffer: jax.Array, new: jax.Array, start: int | jax.Array) -> jax.Array:
+    """Writes new into buffer[:, start : start + seq] for every row: a prompt or one chunk of
+    it. A dynamic_update_slice, which XLA does in place where `write_rows`'s scatter into a
+    freshly zeroed cache keeps a second copy of it. start + seq must not pass the buffer's end
+    (the slice would be shifted back, not cut).
+
+    buffer: [batch, max_len, ...]; new: [batch, seq, ...]; start: int32 scalar.
+    """
+    return jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), start, axis=1)
+
+
+def write_parts_at(layer_cache: dict[str, jax.Array], parts: dict[str, jax.Array],
+                   start: int | jax.Array) -> dict[str, jax.Array]:
+    """`write_at` for every part of a layer's cache (a prompt's ring parts come whole, at 0)."""
+    return {name: write_at(buffer, parts[name], start) for name, buffer in layer_cache.items()}
 
 
 def write_parts(layer_cache: dict[str, jax.Array], parts: dict[str, jax.Array],

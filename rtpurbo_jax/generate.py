@@ -152,10 +152,12 @@ def _prefill_chunks(
     b, t = tokens.shape
     num_chunks = -(-t // chunk)
     # The last chunk is padded to `chunk`, so one compiled step serves every chunk: the lengths
-    # mask the padding, and its cache writes past max_len are dropped.
+    # mask the padding. The cache holds the padding's writes too (an in-place slice write
+    # can't cut them), and is cut back to max_len at the end when they passed it.
     padded = jnp.pad(tokens, ((0, 0), (0, num_chunks * chunk - t)))
     lengths = lengths.astype(jnp.int32)
-    cache = empty_cache(config, b, max_len, params["embed"].dtype, sparse)
+    capacity = max(max_len, num_chunks * chunk)
+    cache = empty_cache(config, b, capacity, params["embed"].dtype, sparse)
     dtype = jnp.result_type(params["embed"], params["final_norm"])
     out = jnp.zeros((b, num_chunks * chunk if every_position else 1, config.hidden_size), dtype)
     last = jnp.maximum(lengths - 1, 0)  # each row's last prompt token, as `last_valid` reads it
@@ -178,6 +180,10 @@ def _prefill_chunks(
 
     init = (cache["layers"], out, jnp.zeros((2,), jnp.float32))
     layers, out, stats = jax.lax.fori_loop(0, num_chunks, step, init)
+    if capacity > max_len:  # max_len's layout: the first slots of every part
+        shapes = jax.eval_shape(lambda: empty_cache(config, b, max_len, params["embed"].dtype,
+                                                    sparse))
+        layers = jax.tree.map(lambda x, like: x[:, :like.shape[1]], layers, shapes["layers"])
     hidden = out if every_position else out[:, 0]
     return hidden, {"layers": layers, "lengths": lengths}, stats
 

@@ -36,6 +36,7 @@ from rtpurbo_jax.cache import (
     ring_positions,
     ring_slots,
     write_parts,
+    write_parts_at,
 )
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.dense import dense_attention_reference
@@ -181,7 +182,7 @@ def layer_prefill(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
     keys = parts
     if chunked:
         positional = {name: layer_cache[name] for name in parts}
-        keys = write_parts(positional, parts, jnp.full_like(lengths, q_offset))
+        keys = write_parts_at(positional, parts, q_offset)
     if full:
         at = head_kv_layout(retrieval, gs, full)
         pieces.append((retrieval, dense_prefill(take_heads(qkv.q, np.asarray(retrieval, np.int32)),

@@ -53,3 +53,23 @@ def test_model_bench_labels_dense_rows_that_do_not_fit():
     assert "extrapolated" in rows[3]["note"] and rows[3]["ms"] is None
     assert rows[4]["speedup"] == pytest.approx(expected / 5.0)
     assert rows[4]["dense_kv_bytes"] == 4096
+
+
+def test_model_bench_extrapolates_dense_decode_over_batch():
+    """A dense decode batch that does not fit gets a time from a line through the dense batches
+    measured at the same length (never from another length)."""
+    from benchmarks.bench_model import attach_dense, extrapolate_dense
+
+    def row(design, length, batch, ms):
+        return {"bench": "model_decode", "design": design, "length": length, "batch": batch,
+                "ms": ms, "kv_bytes": batch, "note": None if ms else "does not fit"}
+
+    rows = [row("dense", 1024, 1, 3.0), row("dense", 1024, 2, 5.0), row("dense", 1024, 16, None),
+            row("dense", 2048, 16, None), row("dense", 2048, 1, 9.0),
+            row("paper", 1024, 16, 11.0)]
+    extrapolate_dense(rows)
+    attach_dense(rows)
+    assert rows[2]["extrapolated_ms"] == pytest.approx(1.0 + 2.0 * 16)
+    assert "extrapolated" in rows[2]["note"] and rows[2]["note"].startswith("does not fit")
+    assert "extrapolated_ms" not in rows[3]  # one measured batch at 2048: no line
+    assert rows[5]["speedup"] == pytest.approx(33.0 / 11.0)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from rtpurbo_jax import generate as gen
+from rtpurbo_jax.config import ModelConfig
 from tests.tiny import TINY, tiny_model
 
 TOL = 1e-5  # float32, relative to max |logit|
@@ -110,3 +115,30 @@ def test_bad_generation_arguments(model):
         model.generate(ROWS, 0)
     with pytest.raises(ValueError, match="backend must be"):
         tiny_model(backend="cuda")
+
+
+def test_prefill_writes_the_cache_in_place():
+    """The prompt's keys and values land in the cache without a second copy of it per layer:
+    XLA's temporaries grow by far less than a layer's cache per added layer (a scatter into the
+    zeroed cache kept a copy: 16 GiB more at 128K tokens on the Llama-3-8B shapes)."""
+    from rtpurbo_jax.cache import kv_cache_bytes
+    from rtpurbo_jax.model import init_params
+
+    length = 1024
+
+    def shapes(layers: int) -> ModelConfig:  # wide KV heads: the cache dominates the temps
+        return dataclasses.replace(TINY, num_layers=layers, num_heads=8, num_kv_heads=8,
+                                   head_dim=64, max_position_embeddings=length)
+
+    def temporaries(layers: int) -> int:
+        config = shapes(layers)
+        params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+        tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+        lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
+        fn = jax.jit(functools.partial(gen.prefill, config=config, max_len=length,
+                                       backend="reference"))
+        return fn.lower(params, tokens, lengths).compile().memory_analysis().temp_size_in_bytes
+
+    one_layer = kv_cache_bytes(shapes(1), None, 1, length, jnp.float32)["total"]
+    # Measured: 0.66 of a layer's cache for 6 more layers (the scatter: 3.2).
+    assert temporaries(8) - temporaries(2) < 6 * one_layer / 4
