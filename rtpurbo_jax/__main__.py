@@ -6,16 +6,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import jax
 import jax.numpy as jnp
 
 from rtpurbo_jax.api import load
-from rtpurbo_jax.assets import cache_dir
-
-# Under the cache directory: JAX's persistent compilation cache. Each run is a new process, so
-# without it every run compiles generate again; with it (and prompt buckets) a prompt whose
-# bucket an earlier run saw loads the compiled program instead.
-COMPILE_CACHE_SUBDIR = "xla"
+from rtpurbo_jax.compiles import COMPILATION_CACHE_SUBDIR
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,16 +25,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    # Each run is a new process: without JAX's persistent compilation cache every run would
+    # compile generate again; with it (and prompt buckets) a prompt whose bucket an earlier run
+    # saw loads the compiled program instead.
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="do not keep compiled programs between runs (default: kept under "
-                             f"the cache directory's {COMPILE_CACHE_SUBDIR}/, unless "
+                             f"the cache directory's {COMPILATION_CACHE_SUBDIR}/, unless "
                              "JAX_COMPILATION_CACHE_DIR names another)")
     args = parser.parse_args(argv)
-    if not args.no_compile_cache and jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / COMPILE_CACHE_SUBDIR))
 
     try:
-        model = load(args.source, sparse=args.sparse, dtype=jnp.dtype(args.dtype))
+        model = load(args.source, sparse=args.sparse, dtype=jnp.dtype(args.dtype),
+                     compilation_cache=not args.no_compile_cache)
     except (OSError, ValueError) as err:  # bad paths, checkpoints and configs: one line
         parser.error(str(err))
     tok = model.tokenizer

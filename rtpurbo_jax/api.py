@@ -23,6 +23,7 @@ from rtpurbo_jax.checkpoint import (
     load_sparse,
     save_sparse,
 )
+from rtpurbo_jax.compiles import use_compilation_cache
 from rtpurbo_jax.config import ConfigError, ModelConfig, SparseConfig
 from rtpurbo_jax.export import ORIGIN_FILE
 from rtpurbo_jax.hf import load_checkpoint
@@ -212,6 +213,7 @@ def load(
     backend: str = "auto",
     with_tokenizer: bool = True,
     buckets: Sequence[int] | None = None,
+    compilation_cache: bool = True,
 ) -> SparseModel:
     """Loads a model, dense or (with `sparse`, a sparse checkpoint directory) RTPurbo-sparse.
 
@@ -223,8 +225,13 @@ def load(
     A sparse checkpoint made for other weights is refused; one of a fine-tuned (stage-2) model
     given with the model it was fine-tuned from is refused with a pointer to the fine-tuned one.
     buckets: see `SparseModel` (None: the default ladder, (): off).
+    compilation_cache: turn on JAX's persistent compilation cache in <cache dir>/xla unless the
+    program set one (`compiles.use_compilation_cache`): a new process then loads what an earlier
+    one compiled for the same shapes instead of compiling it again.
     """
     check_backend(backend)
+    if compilation_cache:
+        use_compilation_cache()
     if dense and sparse is not None:
         raise ValueError("give sparse= or dense=True, not both")
     name = None
