@@ -76,7 +76,7 @@ class SparseModel:
     """A loaded model: dense, or RTPurbo-sparse once a sparse checkpoint is attached.
 
     Attributes: config (ModelConfig), params (a plain pytree), tokenizer (transformers tokenizer
-    or None), fingerprint (of the base weights), backend ("reference" | "pallas" | "auto"),
+    or None), fingerprint (of the base weights), backend (`kernels.BACKENDS`),
     sparse (SparseConfig or None: dense), indexer (the indexer params pytree or None), origin
     (a stage-2 model's rtpurbo.json: the base it was fine-tuned from, stages, steps; else None)
     and buckets (`rtpurbo_jax.buckets`: the sorted lengths that prompts are padded up to and

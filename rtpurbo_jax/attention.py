@@ -17,29 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_reference
-from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_reference
+from pallas_kernels.sparse_attention import sparse_attention_reference
+from pallas_kernels.sparse_decode import sparse_decode_reference
 from rtpurbo_jax import paper_attention
 from rtpurbo_jax.cache import layer_groups, write_parts, write_parts_at
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.dense import cudnn_supported, dense_attention_cudnn, dense_attention_reference
 from rtpurbo_jax.indexer import indexer_keys
+from rtpurbo_jax.kernels import BACKENDS, check_backend, kernels, use_kernels
 from rtpurbo_jax.model import QKV, AttendFn, merge_heads, query_heads, take_heads
-from rtpurbo_jax.selection import (
-    on_gpu,
-    select_decode,
-    select_prefill,
-    selection_stats,
-    use_pallas,
-)
+from rtpurbo_jax.selection import select_decode, select_prefill, selection_stats
 from rtpurbo_jax.train_attention import block_list_attention, causal_attention
 
-BACKENDS = ("reference", "pallas", "auto")
-
-
-def check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+__all__ = ["BACKENDS", "check_backend"]  # re-exported: callers check backends here
 
 
 def _use_cudnn(q: jax.Array, backend: str) -> bool:
@@ -67,14 +57,14 @@ def dense_prefill(
     if from_zero and _use_cudnn(q, backend):
         return dense_attention_cudnn(q, k, v, jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2]),
                                      lengths, causal_from_zero=True, sliding_window=sliding_window)
-    if not from_zero and use_pallas(backend):
+    if not from_zero and use_kernels(backend):
         # cuDNN's causal mask starts at query 0; a chunk's start at q_offset. The block-sparse
         # kernel listing every causal block is flash attention with that offset.
         indices, counts = causal_block_lists(q_offset, q.shape[1], k.shape[1], k.shape[0],
                                              k.shape[2])
-        return sparse_attention(q, k, v, indices, counts, block_q=CHUNK_DENSE_BLOCK_Q,
-                                block_k=CHUNK_DENSE_BLOCK_K, lengths=lengths, q_offset=q_offset,
-                                window=sliding_window, interpret=not on_gpu())
+        return kernels(backend).sparse_attention(
+            q, k, v, indices, counts, block_q=CHUNK_DENSE_BLOCK_Q, block_k=CHUNK_DENSE_BLOCK_K,
+            lengths=lengths, q_offset=q_offset, window=sliding_window)
     positions = q_offset + jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
     return dense_attention_reference(q, k, v, positions, lengths, sliding_window=sliding_window)
 
@@ -160,8 +150,8 @@ def layer_prefill(
         kwargs = dict(block_q=sparse.block_q, block_k=sparse.block_k, lengths=lengths,
                       q_offset=q_offset)
         args = (qs, keys["ks"], keys["vs"], indices, counts)
-        if use_pallas(backend):
-            out = sparse_attention(*args, interpret=not on_gpu(), **kwargs)
+        if use_kernels(backend):
+            out = kernels(backend).sparse_attention(*args, **kwargs)
         else:
             out = sparse_attention_reference(*args, **kwargs)
         pieces.append((heads, out))
@@ -206,8 +196,8 @@ def layer_decode(
                                         layer_indexer, backend)
         args = (qs[:, 0], cache["ks"], cache["vs"], indices[:, :, 0], counts[:, :, 0],
                 new_lengths)
-        if use_pallas(backend):
-            out = sparse_decode(*args, block_k=sparse.block_k, interpret=not on_gpu())
+        if use_kernels(backend):
+            out = kernels(backend).sparse_decode(*args, block_k=sparse.block_k)
         else:
             out = sparse_decode_reference(*args, block_k=sparse.block_k)
         pieces.append((heads, out[:, None]))

@@ -101,7 +101,7 @@ def default_eval_config() -> ml_collections.ConfigDict:
         perplexity_windows=8,  # held-out text windows at the largest length; 0: no perplexity
         perplexity_batch_size=2,  # windows per forward pass (the logits are [batch, len, vocab])
         dtype="",  # empty: config.model.dtype
-        backend="auto",  # "reference" | "pallas" | "auto"
+        backend="auto",  # "reference" | "pallas" | "mosaic" | "auto" (rtpurbo_jax/kernels.py)
         # Training metadata for the report; None: read from <run_dir>/train_summary.json.
         steps=ml_collections.FieldReference(None, field_type=int),
         train_minutes=ml_collections.FieldReference(None, field_type=float),

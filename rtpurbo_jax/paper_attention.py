@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.local_attention import local_attention
-from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_reference
+from pallas_kernels.sparse_decode import sparse_decode_reference
 from rtpurbo_jax.cache import (
     RING_PARTS,
     ring_filled,
@@ -41,8 +40,9 @@ from rtpurbo_jax.cache import (
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.dense import dense_attention_reference
 from rtpurbo_jax.indexer import indexer_keys
+from rtpurbo_jax.kernels import kernels, use_kernels
 from rtpurbo_jax.model import QKV, head_keys, merge_heads, query_heads, take_heads
-from rtpurbo_jax.selection import on_gpu, select_decode, select_per_token, use_pallas
+from rtpurbo_jax.selection import select_decode, select_per_token
 from rtpurbo_jax.train_attention import causal_attention, chunked_attention, window_mask
 
 # Query positions per step of the training-mode retrieval attention (both passes): its memory
@@ -66,10 +66,10 @@ def head_kv_layout(heads: tuple[int, ...], group_size: int, groups: tuple[int, .
 def local_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
                   sparse: SparseConfig, backend: str) -> jax.Array:
     """Sinks + window attention of a right-padded prompt from position 0 (GQA shapes)."""
-    if use_pallas(backend):
-        return local_attention(q, k, v, lengths, sink_tokens=sparse.sink_tokens,
-                               window=sparse.window, block_q=sparse.block_q,
-                               block_k=sparse.block_k, interpret=not on_gpu())
+    if use_kernels(backend):
+        return kernels(backend).local_attention(q, k, v, lengths, sink_tokens=sparse.sink_tokens,
+                                                window=sparse.window, block_q=sparse.block_q,
+                                                block_k=sparse.block_k)
     positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
     return dense_attention_reference(q, k, v, positions, lengths, sliding_window=sparse.window,
                                      sink_tokens=sparse.sink_tokens)
@@ -259,8 +259,8 @@ def retrieval_decode(qkv: QKV, cache: dict[str, jax.Array], new_lengths: jax.Arr
         lists, sizes = lists[:, per_head], sizes[:, per_head]
     args = (take_heads(qkv.q, heads)[:, 0], take_heads(cache["k"], at),
             take_heads(cache["v"], at), lists, sizes, new_lengths)
-    if use_pallas(backend):
-        out = sparse_decode(*args, block_k=sparse.block_k, interpret=not on_gpu())
+    if use_kernels(backend):
+        out = kernels(backend).sparse_decode(*args, block_k=sparse.block_k)
     else:
         out = sparse_decode_reference(*args, block_k=sparse.block_k)
     attended = _listed_keys(lists, sizes, new_lengths, sparse.block_k)

@@ -6,7 +6,8 @@ Where the block scores come from is the SparseConfig's `scorer`:
   "none":    no scores: only the forced sink and local blocks (a StreamingLLM/DuoAttention-style
              baseline).
 The top-p / top-k rule itself is `pallas_kernels.indexer_topp` (reference and kernels); the
-kernels run when `backend` asks for Pallas (interpreted off the GPU).
+kernels run when `backend` asks for them (`kernels`: the GPU's or the TPU's, interpreted off
+their platform).
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.indexer_topp import (
-    block_logits,
     block_logits_reference,
     pool_queries,
     query_block_extent,
-    select_blocks,
     select_blocks_reference,
 )
 from rtpurbo_jax.config import SparseConfig
 from rtpurbo_jax.indexer import indexer_queries
+from rtpurbo_jax.kernels import kernels, use_kernels
 from rtpurbo_jax.teacher import attention_probs, block_attention_mass
 
 Selection = tuple[jax.Array, jax.Array]  # (indices [b, g, nq, max_sel], counts [b, g, nq])
@@ -43,27 +43,13 @@ def rule_kwargs(sparse: SparseConfig) -> dict[str, Any]:
                 top_k=sparse.top_k_blocks if sparse.selection == "top_k" else None)
 
 
-def on_gpu() -> bool:
-    """Whether JAX runs on a GPU (elsewhere the Pallas kernels are interpreted)."""
-    return jax.default_backend() == "gpu"
-
-
-def use_pallas(backend: str) -> bool:
-    """Whether `backend` runs the Pallas kernels ("auto": on a GPU only)."""
-    return backend == "pallas" or (backend == "auto" and on_gpu())
-
-
-def _kernel_kwargs(backend: str) -> dict[str, Any]:
-    return {"interpret": not on_gpu()} if use_pallas(backend) else {}
-
-
 def _select_from_logits(
     logits: jax.Array, last: jax.Array, sparse: SparseConfig, backend: str
 ) -> Selection:
     """The selection rule on block logits [b, g, nq, nk]; last: [b, nq] last valid positions."""
     last_block = jnp.where(last >= 0, last // sparse.block_k, -1)
-    select = select_blocks if use_pallas(backend) else select_blocks_reference
-    return select(logits, last_block, **rule_kwargs(sparse), **_kernel_kwargs(backend))
+    select = kernels(backend).select_blocks if use_kernels(backend) else select_blocks_reference
+    return select(logits, last_block, **rule_kwargs(sparse))
 
 
 def _indexer_logits(q: jax.Array, ki: jax.Array, q_start: jax.Array, lengths: jax.Array,
@@ -76,9 +62,9 @@ def _indexer_logits(q: jax.Array, ki: jax.Array, q_start: jax.Array, lengths: ja
     """
     valid, last = query_block_extent(q_start, lengths, q.shape[1], sparse.block_q)
     pooled = indexer_queries(pool_queries(q, valid), layer_indexer["wq"])
-    logits_fn = block_logits if use_pallas(backend) else block_logits_reference
+    logits_fn = kernels(backend).block_logits if use_kernels(backend) else block_logits_reference
     logits = logits_fn(pooled, ki, lengths, last, block_k=sparse.block_k,
-                       scale=1.0 / sparse.temperature, **_kernel_kwargs(backend))
+                       scale=1.0 / sparse.temperature)
     return logits, last
 
 

@@ -118,7 +118,7 @@ def test_four_device_mesh_matches_one_device():
     assert out["one"]["grad_norm"] == pytest.approx(out["four"]["grad_norm"], rel=1e-4)
 
 
-def test_whole_conversion_writes_its_outputs(tmp_path):
+def test_whole_conversion_writes_its_files(tmp_path):
     config = tiny.get_config()
     config.train.steps = 2
     summary = run_conversion(config, tmp_path)

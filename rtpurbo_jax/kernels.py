@@ -1,0 +1,84 @@
+"""Which Pallas kernels a `backend` runs, in one table so that every call site dispatches alike.
+
+  "pallas": the Triton-lowered kernels (written for GPUs);
+  "mosaic": the Mosaic-lowered kernels (written for TPUs);
+  "auto":   the GPU's kernels on a GPU, the TPU's on a TPU, the jnp references elsewhere;
+  "reference": the jnp references everywhere.
+Off their platform the kernels run in Pallas interpret mode (the tests' CPU path). A shape a
+kernel can't tile raises its ValueError: nothing falls back silently to another implementation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+
+from pallas_kernels.indexer_topp import block_logits, select_blocks, select_blocks_bisect
+from pallas_kernels.local_attention import local_attention
+from pallas_kernels.sparse_attention import sparse_attention
+from pallas_kernels.sparse_decode import sparse_decode
+from pallas_kernels.tpu_indexer_topp import block_logits_tpu
+from pallas_kernels.tpu_local_attention import local_attention_tpu
+from pallas_kernels.tpu_sparse_attention import sparse_attention_tpu
+from pallas_kernels.tpu_sparse_decode import sparse_decode_tpu
+
+BACKENDS = ("reference", "pallas", "mosaic", "auto")
+_FAMILY = {"pallas": "triton", "mosaic": "mosaic"}
+_AUTO = {"gpu": "triton", "tpu": "mosaic"}  # jax.default_backend() -> kernel family
+_PLATFORM = {"triton": "gpu", "mosaic": "tpu"}
+
+
+class Kernels(NamedTuple):
+    """One family's kernels, `interpret` bound (each has its module's signature)."""
+    sparse_attention: Any
+    sparse_decode: Any
+    local_attention: Any
+    block_logits: Any
+    select_blocks: Any
+
+
+def _without_interpret(fn: Any) -> Any:
+    """A jnp step standing in for a kernel the family lacks takes no `interpret`."""
+    @functools.wraps(fn)
+    def call(*args: Any, interpret: bool = False, **kwargs: Any) -> Any:
+        del interpret
+        return fn(*args, **kwargs)
+    return call
+
+
+_TABLE = {
+    "triton": (sparse_attention, sparse_decode, local_attention, block_logits, select_blocks),
+    # Mosaic has no cumulative sum or scatter for the selection's bisection and compaction: the
+    # top-p / top-k rule runs as jnp on the Mosaic kernel's block logits.
+    "mosaic": (sparse_attention_tpu, sparse_decode_tpu, local_attention_tpu, block_logits_tpu,
+               _without_interpret(select_blocks_bisect)),
+}
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def family(backend: str) -> str | None:
+    """"triton", "mosaic", or None (the jnp references) for `backend` on this platform."""
+    if backend == "auto":
+        return _AUTO.get(jax.default_backend())
+    return _FAMILY.get(backend)
+
+
+def use_kernels(backend: str) -> bool:
+    """Whether `backend` runs Pallas kernels here (else the jnp references)."""
+    return family(backend) is not None
+
+
+def kernels(backend: str) -> Kernels:
+    """The kernels `backend` runs, interpreted off their platform. Raises ValueError for a
+    backend that runs the references."""
+    name = family(backend)
+    if name is None:
+        raise ValueError(f"backend {backend!r} runs the jnp references here, not kernels")
+    interpret = jax.default_backend() != _PLATFORM[name]
+    return Kernels(*(functools.partial(fn, interpret=interpret) for fn in _TABLE[name]))
