@@ -213,7 +213,7 @@ def load(
     backend: str = "auto",
     with_tokenizer: bool = True,
     buckets: Sequence[int] | None = None,
-    compilation_cache: bool = True,
+    compilation_cache: bool = False,
 ) -> SparseModel:
     """Loads a model, dense or (with `sparse`, a sparse checkpoint directory) RTPurbo-sparse.
 
@@ -227,7 +227,9 @@ def load(
     buckets: see `SparseModel` (None: the default ladder, (): off).
     compilation_cache: turn on JAX's persistent compilation cache in <cache dir>/xla unless the
     program set one (`compiles.use_compilation_cache`): a new process then loads what an earlier
-    one compiled for the same shapes instead of compiling it again.
+    one compiled for the same shapes instead of compiling it again. Off by default: it is a
+    process-wide JAX setting (with it on, a later interpret-mode Pallas compile in the same
+    process aborted while being written to the cache, on CPU).
     """
     check_backend(backend)
     if compilation_cache:

@@ -6,7 +6,8 @@ jitted function's name ("jit(generate)"); `jax.monitoring` listeners see it on j
 A compile served by JAX's persistent compilation cache is still counted (it is still an event).
 
 `use_compilation_cache` points that persistent cache at our cache directory, so that a new
-process does not compile again what an earlier one compiled (`load()` does it by default).
+process does not compile again what an earlier one compiled (`load(..., compilation_cache=True)`
+and the CLI do it).
 """
 
 from __future__ import annotations
