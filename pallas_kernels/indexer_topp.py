@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -659,6 +660,19 @@ def select_blocks_bisect(
     return indices.reshape(b, g, nq, max_sel), counts.reshape(b, g, nq)
 
 
+def pooled_block_logits(
+    logits_fn: Any, qi: jax.Array, ki: jax.Array, q_start: jax.Array, lengths: jax.Array, *,
+    block_q: int, block_k: int, scale: float, interpret: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """The selection's input, scored by `logits_fn` (a block-logits kernel): (block logits
+    [batch, groups, nq, nk], each query block's last valid key block [batch, nq], -1 if none).
+    Shapes as `indexer_topp`."""
+    valid, last = query_block_extent(q_start, lengths, qi.shape[1], block_q)
+    logits = logits_fn(pool_queries(qi, valid), ki, lengths, last, block_k=block_k, scale=scale,
+                       interpret=interpret)
+    return logits, jnp.where(last >= 0, last // block_k, -1)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("block_q", "block_k", "scale", *RULE_ARGS, "interpret", "selection"),
@@ -691,10 +705,9 @@ def indexer_topp(
     """
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    valid, last = query_block_extent(q_start, lengths, qi.shape[1], block_q)
-    logits = block_logits(pool_queries(qi, valid), ki, lengths, last, block_k=block_k,
-                          scale=scale, interpret=interpret)
-    last_block = jnp.where(last >= 0, last // block_k, -1)
+    logits, last_block = pooled_block_logits(block_logits, qi, ki, q_start, lengths,
+                                             block_q=block_q, block_k=block_k, scale=scale,
+                                             interpret=interpret)
     rule = dict(top_p=top_p, sink_blocks=sink_blocks, local_blocks=local_blocks,
                 min_blocks=min_blocks, max_blocks=max_blocks, top_k=top_k)
     if selection == "pallas":

@@ -39,8 +39,7 @@ from pallas_kernels.indexer_topp import (
     RULE_ARGS,
     _scores,
     _split_bf16,
-    pool_queries,
-    query_block_extent,
+    pooled_block_logits,
     select_blocks_bisect,
     select_blocks_reference,
 )
@@ -232,10 +231,9 @@ def indexer_topp_tpu(
     if selection not in TPU_SELECTIONS:
         raise ValueError(f"selection must be one of {TPU_SELECTIONS} on TPU (there is no Mosaic "
                          f"selection kernel), got {selection!r}")
-    valid, last = query_block_extent(q_start, lengths, qi.shape[1], block_q)
-    logits = block_logits_tpu(pool_queries(qi, valid), ki, lengths, last, block_k=block_k,
-                              scale=scale, interpret=interpret)
-    last_block = jnp.where(last >= 0, last // block_k, -1)
+    logits, last_block = pooled_block_logits(block_logits_tpu, qi, ki, q_start, lengths,
+                                             block_q=block_q, block_k=block_k, scale=scale,
+                                             interpret=interpret)
     select = select_blocks_bisect if selection == "bisect" else select_blocks_reference
     return select(logits, last_block, top_p=top_p, sink_blocks=sink_blocks,
                   local_blocks=local_blocks, min_blocks=min_blocks, max_blocks=max_blocks,

@@ -14,7 +14,6 @@ import numpy as np
 
 from rtpurbo_jax import generate as gen
 from rtpurbo_jax.assets import DEFAULT_MODEL_NAME, default_model_path
-from rtpurbo_jax.attention import check_backend
 from rtpurbo_jax.buckets import bucket, check_buckets, default_buckets, generate_shape, pad_columns
 from rtpurbo_jax.checkpoint import (
     CONFIG_FILE,
@@ -27,6 +26,7 @@ from rtpurbo_jax.compiles import use_compilation_cache
 from rtpurbo_jax.config import ConfigError, ModelConfig, SparseConfig
 from rtpurbo_jax.export import ORIGIN_FILE
 from rtpurbo_jax.hf import load_checkpoint
+from rtpurbo_jax.kernels import check_backend
 from rtpurbo_jax.model import Params, init_params
 
 

@@ -24,12 +24,10 @@ from rtpurbo_jax.cache import layer_groups, write_parts, write_parts_at
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.dense import cudnn_supported, dense_attention_cudnn, dense_attention_reference
 from rtpurbo_jax.indexer import indexer_keys
-from rtpurbo_jax.kernels import BACKENDS, check_backend, kernels, use_kernels
+from rtpurbo_jax.kernels import kernels, use_kernels
 from rtpurbo_jax.model import QKV, AttendFn, merge_heads, query_heads, take_heads
 from rtpurbo_jax.selection import select_decode, select_prefill, selection_stats
 from rtpurbo_jax.train_attention import block_list_attention, causal_attention
-
-__all__ = ["BACKENDS", "check_backend"]  # re-exported: callers check backends here
 
 
 def _use_cudnn(q: jax.Array, backend: str) -> bool:

@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rtpurbo_jax.attention import check_backend, dense_prefill
+from rtpurbo_jax.attention import dense_prefill
 from rtpurbo_jax.config import ModelConfig
+from rtpurbo_jax.kernels import check_backend
 from rtpurbo_jax.model import Params, decoder
 from rtpurbo_jax.tasks import Sample
 from rtpurbo_jax.teacher import attention_probs

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rtpurbo_jax import generate as gen
-from rtpurbo_jax.attention import check_backend, prefill_attend
+from rtpurbo_jax.attention import prefill_attend
 from rtpurbo_jax.config import ConfigError, ModelConfig, SparseConfig
+from rtpurbo_jax.kernels import check_backend
 from rtpurbo_jax.model import Params, layer_param_axes, output_projection, param_axes, project_qkv
 from rtpurbo_jax.rope import rope_tables
 
