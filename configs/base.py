@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
         lora_alpha=16.0, lora_targets=("wq", "wk", "wv", "wo"),
         teacher="live",  # "live": the dense teacher runs every step | "cached": top-k on disk
         compute_dtype="bfloat16",
+        # 0: task samples fill seq_len; > 0: log-uniform lengths from it to seq_len, text after.
+        min_task_len=0,
         checkpoint_every=100, keep_checkpoints=2,
         # Without stage 1 in train.stages: the sparse checkpoint to start from (default: the
         # run directory's sparse/).

@@ -313,7 +313,8 @@ def run_distill(config: Any, model: SparseModel, sparse: SparseConfig, indexer: 
     distill = config.distill
     dataset = training_dataset(task_tokenizer(model), config.data, seq_len=distill.seq_len,
                                batch_size=distill.batch_size, steps=distill.steps,
-                               seed=config.seed, stream=DATA_STREAM)
+                               seed=config.seed, stream=DATA_STREAM,
+                               min_task_len=distill.min_task_len)
     params, history = run_stage2(config=model.config, params=model.params, sparse=sparse,
                                  indexer=indexer, dataset=dataset, distill=distill,
                                  run_dir=run_dir, mesh=mesh, backend=model.backend,

@@ -64,17 +64,26 @@ def corpus_tokens(tokenizer: Any, files: Sequence[str]) -> np.ndarray:
 
 
 def make_example(index: int, *, tokens: np.ndarray, tokenizer: Any, seq_len: int, seed: int,
-                 task_fraction: float, tasks: Sequence[str], stream: int | None = None
-                 ) -> dict[str, np.ndarray]:
+                 task_fraction: float, tasks: Sequence[str], stream: int | None = None,
+                 min_task_len: int = 0) -> dict[str, np.ndarray]:
     """Example `index`: {"tokens": [seq_len] int32 right-padded, "length": int32}. `stream`
-    (None: stage 1's) gives another stage its own examples under the same seed."""
+    (None: stage 1's) gives another stage its own examples under the same seed.
+    `min_task_len` > 0: a task sample is log-uniformly min_task_len..seq_len tokens long (as
+    many samples per doubling of length) and text fills the rest of the sequence; 0: every task
+    sample is seq_len long."""
     rng = np.random.default_rng([seed, index] if stream is None else [seed, stream, index])
     out = np.zeros((seq_len,), np.int32)
     if tasks and rng.random() < task_fraction:
         task = tasks[int(rng.integers(len(tasks)))]
-        sample = make_sample(task, seq_len - COMPLETION_ROOM, tokenizer, rng)
+        task_len = seq_len
+        if min_task_len:
+            task_len = int(np.exp(rng.uniform(np.log(min_task_len), np.log(seq_len + 1))))
+        sample = make_sample(task, task_len - COMPLETION_ROOM, tokenizer, rng)
         answer = tokenizer.encode(sample.completion, add_special_tokens=False)
         seq = np.concatenate([sample.prompt, np.asarray(answer[:COMPLETION_ROOM], np.int32)])
+        if min_task_len:
+            start = int(rng.integers(0, len(tokens) - seq_len + 1))
+            seq = np.concatenate([seq, tokens[start:start + seq_len - len(seq)]])
     else:
         start = int(rng.integers(0, len(tokens) - seq_len + 1))
         seq = tokens[start:start + seq_len]
@@ -83,9 +92,10 @@ def make_example(index: int, *, tokens: np.ndarray, tokenizer: Any, seq_len: int
 
 
 def training_dataset(tokenizer: Any, data_config: Any, *, seq_len: int, batch_size: int,
-                     steps: int, seed: int, stream: int | None = None) -> Any:
+                     steps: int, seed: int, stream: int | None = None,
+                     min_task_len: int = 0) -> Any:
     """A grain.MapDataset of `steps` batches {"tokens": [batch, seq_len], "length": [batch]}
-    (`stream`: see make_example)."""
+    (`stream`, `min_task_len`: see make_example)."""
     import grain
 
     tasks = tuple(data_config.tasks)
@@ -98,10 +108,18 @@ def training_dataset(tokenizer: Any, data_config: Any, *, seq_len: int, batch_si
     if len(tokens) < seq_len:
         raise DataError(f"the training text has {len(tokens)} tokens, fewer than seq_len "
                         f"{seq_len}")
+    if min_task_len and not COMPLETION_ROOM < min_task_len <= seq_len:
+        raise DataError(f"min_task_len must be 0 or in ({COMPLETION_ROOM}, seq_len {seq_len}], "
+                        f"got {min_task_len}")
+    for task in tasks if min_task_len else ():
+        try:  # fails now, not steps into a run
+            make_sample(task, min_task_len - COMPLETION_ROOM, tokenizer, np.random.default_rng(0))
+        except ValueError as err:
+            raise DataError(f"min_task_len {min_task_len}: {err}; raise it") from err
 
     def example(index: int) -> dict[str, np.ndarray]:
         return make_example(int(index), tokens=tokens, tokenizer=tokenizer, seq_len=seq_len,
                             seed=seed, task_fraction=data_config.task_fraction, tasks=tasks,
-                            stream=stream)
+                            stream=stream, min_task_len=min_task_len)
 
     return grain.MapDataset.range(steps * batch_size).map(example).batch(batch_size)

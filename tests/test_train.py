@@ -188,3 +188,31 @@ def test_examples_are_deterministic_and_fit():
                      task_fraction=0.5, tasks=("passkey",))
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
     assert a["tokens"].shape == (300,) and 0 < a["length"] <= 300
+
+
+def test_task_samples_of_many_lengths_are_followed_by_text():
+    tokens = np.arange(5000, dtype=np.int32) % 90 + 32
+    tokenizer = ByteTokenizer()
+    ends = []
+    for index in range(40):
+        example = make_example(index, tokens=tokens, tokenizer=tokenizer, seq_len=2400, seed=1,
+                               task_fraction=1.0, tasks=("passkey",), min_task_len=300)
+        assert example["length"] == 2400  # text fills what the task leaves
+        text = tokenizer.decode(example["tokens"].tolist())
+        question = "What is the pass key? The pass key is "
+        end = text.index(question) + len(question) + 5  # the answer's 5 digits
+        assert text[end - 5:end].isdigit()
+        ends.append(end)
+    # Log-uniform over 300..2400: about a third of the samples in each doubling of length.
+    ends = np.asarray(ends)
+    assert ends.min() >= 300 - 16 and ends.max() <= 2400
+    for low, high in ((300, 600), (600, 1200), (1200, 2400)):
+        assert 5 <= np.sum((ends >= low) & (ends < high)) <= 25
+
+
+@pytest.mark.parametrize("min_task_len", [1, 40, 257])
+def test_a_task_length_that_cannot_be_made_is_refused(min_task_len):
+    config = tiny.get_config()  # seq_len 256: 1 is too short for the room, 40 for a sample
+    with pytest.raises(DataError, match="min_task_len"):
+        training_dataset(ByteTokenizer(), config.data, seq_len=config.train.seq_len,
+                         batch_size=1, steps=1, seed=0, min_task_len=min_task_len)
