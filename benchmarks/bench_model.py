@@ -9,7 +9,7 @@ Run from the repository root on a GPU (H100 up to 128K; 512K and 1M need an H200
 
     options: --designs dense,paper,indexer  --layers N (default: the config's 32)
              --density 0.1  --retrieval-groups 1  --window 8192  --prefill-chunk TOKENS
-             --decode-steps 16  --out-dir DIR
+             --decode-steps 16  --out-dir DIR  --append
 
 Smoke run (CPU, a tiny random model, no downloads, < 60 s):
 
@@ -32,7 +32,9 @@ starts "does not fit". A dense prefill that does not fit gets a time extrapolate
 a + b*L + c*L^2 over the dense lengths measured, a dense decode from a + b*batch over the
 dense batches measured at its length (labelled "extrapolated"). XLA may use 95% of the GPU
 (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set). Results: OUT_DIR/model_<device
-tag>.json with the device, jax version and commit.
+tag>.json with the device, jax version and commit; `--append` adds to that file (the runs
+listed under "runs", each with its commit), so lengths measured in separate jobs share one
+table and one dense fit.
 """
 
 from __future__ import annotations
@@ -263,7 +265,7 @@ def _fill_from_fit(rows: list[dict[str, Any]], bench: str, key: str, same: Calla
 
 
 def extrapolate_dense(rows: list[dict[str, Any]]) -> None:
-    """Dense rows that did not fit get a time fitted to the dense rows measured in this run:
+    """Dense rows that did not fit get a time fitted to the measured dense rows:
     prefill from a + b*L + c*L^2 over lengths (three or more; with two, a line); decode from
     a + b*batch over the batches measured at the same length (a step reads the weights once
     and each row's cache once)."""
@@ -282,6 +284,23 @@ def attach_dense(rows: list[dict[str, Any]]) -> None:
         r["dense_ms"] = dense_ms
         r["dense_kv_bytes"] = None if dense is None else dense["kv_bytes"]
         r["speedup"] = dense_ms / r["ms"] if dense_ms and r["ms"] else None
+
+
+def merge_rows(earlier: list[dict[str, Any]], new: list[dict[str, Any]]
+               ) -> list[dict[str, Any]]:
+    """The rows of earlier runs with this run's (a row of the same bench, design, length and
+    batch replaced by the new one), extrapolations and speedups computed again over all."""
+    def key(r):
+        return r["bench"], r["design"], r["length"], r["batch"]
+
+    replaced = {key(r) for r in new}
+    rows = [dict(r) for r in earlier if key(r) not in replaced] + [dict(r) for r in new]
+    for r in rows:  # an earlier extrapolation is redone from every measured row
+        if r.pop("extrapolated_ms", None) is not None:
+            r["note"] = r["note"].split("; extrapolated")[0]
+    extrapolate_dense(rows)
+    attach_dense(rows)
+    return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -310,6 +329,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--retrieval-groups", type=int, default=1)
     p.add_argument("--window", type=int, default=8192)
     p.add_argument("--prefill-chunk", type=int, default=None)
+    p.add_argument("--append", action="store_true",
+                   help="add to OUT_DIR's file for this device (same rows replaced), so one "
+                        "table can be measured over several time-limited jobs")
     p.add_argument("--prefill-runs", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--skip", type=lambda s: s.split(","), default=[],
@@ -338,30 +360,39 @@ def main(argv: Sequence[str]) -> None:
     config = model_config(args)
     params = init_params(config, jax.random.key(SEED), args.dtype)
     path = os.path.join(args.out_dir, f"model_{device_tag(kind)}.json")
-    result = {"device": kind, "jax_version": jax.__version__, "commit": git_commit(),
-              "config": {k: v for k, v in vars(args).items() if k not in ("dtype",)}
-              | {"model": config.name, "layers": config.num_layers, "dtype": "bfloat16"},
-              "rows": []}
-    log(f"{kind} jax {jax.__version__} commit {result['commit']} -> {path}")
+    run = ({k: v for k, v in vars(args).items() if k not in ("dtype",)}
+           | {"commit": git_commit(), "model": config.name, "layers": config.num_layers,
+              "dtype": "bfloat16"})
+    result = {"device": kind, "jax_version": jax.__version__, "commit": run["commit"],
+              "runs": [], "rows": []}
+    if args.append and os.path.exists(path):
+        with open(path) as fh:
+            result = json.load(fh)
+        if result["device"] != kind:
+            raise SystemExit(f"{path} holds rows of {result['device']}, not {kind}: "
+                             "give another --out-dir")
+    result["runs"].append(run)
+    earlier = result["rows"]
+    log(f"{kind} jax {jax.__version__} commit {run['commit']} -> {path}")
 
     def save() -> None:
+        result["rows"] = merge_rows(earlier, rows)
         with open(path, "w") as fh:
             json.dump(result, fh, indent=1)
+
+    rows: list[dict[str, Any]] = []
 
     for length in args.lengths:
         for design in args.designs:
             if "prefill" not in args.skip:
-                result["rows"].append(prefill_row(params, config, design, length, args))
-                log(json.dumps(result["rows"][-1]))
+                rows.append(prefill_row(params, config, design, length, args))
+                log(json.dumps(rows[-1]))
                 save()
             if "decode" not in args.skip:
                 for batch in args.decode_batches:
-                    result["rows"].append(decode_row(params, config, design, length, batch,
-                                                     args))
-                    log(json.dumps(result["rows"][-1]))
+                    rows.append(decode_row(params, config, design, length, batch, args))
+                    log(json.dumps(rows[-1]))
                     save()
-    extrapolate_dense(result["rows"])
-    attach_dense(result["rows"])
     save()
     print_table(result["rows"])
 

@@ -73,3 +73,26 @@ def test_model_bench_extrapolates_dense_decode_over_batch():
     assert "extrapolated" in rows[2]["note"] and rows[2]["note"].startswith("does not fit")
     assert "extrapolated_ms" not in rows[3]  # one measured batch at 2048: no line
     assert rows[5]["speedup"] == pytest.approx(33.0 / 11.0)
+
+
+def test_model_bench_appends_runs_into_one_table():
+    """Rows of a later job join the earlier ones (the same row replaced), and a dense row that
+    did not fit is extrapolated again from every measured length."""
+    from benchmarks.bench_model import merge_rows
+
+    def row(design, length, ms):
+        return {"bench": "model_prefill", "design": design, "length": length, "batch": 1,
+                "ms": ms, "kv_bytes": length, "note": None if ms else "does not fit"}
+
+    def dense_ms(n):
+        return 1 + 2e-3 * n + 1e-6 * n * n
+
+    first = merge_rows([], [row("dense", 512, dense_ms(512)), row("dense", 1024, dense_ms(1024)),
+                            row("dense", 4096, None), row("paper", 4096, 99.0)])
+    assert "extrapolated" in first[2]["note"]  # a line through two lengths
+    rows = merge_rows(first, [row("dense", 2048, dense_ms(2048)), row("paper", 4096, 5.0)])
+    assert len(rows) == 5 and [r["ms"] for r in rows if r["design"] == "paper"] == [5.0]
+    dense = next(r for r in rows if r["design"] == "dense" and r["length"] == 4096)
+    assert dense["extrapolated_ms"] == pytest.approx(dense_ms(4096))
+    assert dense["note"].count("extrapolated") == 1 and "[512, 1024, 2048]" in dense["note"]
+    assert rows[-1]["speedup"] == pytest.approx(dense_ms(4096) / 5.0)
