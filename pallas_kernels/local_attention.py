@@ -41,10 +41,12 @@ def window_block_lists(
     window: int,
     block_q: int,
     block_k: int,
+    q_offset: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Static key-block lists of local attention, one per query block.
 
-    Queries sit at positions 0..q_len-1, keys at 0..kv_len-1. The list of query block i holds
+    Queries sit at positions q_offset..q_offset+q_len-1, keys at 0..kv_len-1. The list of query
+    block i holds
     every key block with a key some query of the block may see (sink blocks first, then the
     window blocks up to the diagonal), strictly ascending, and no block invisible to all of
     them (before lengths, which the kernel masks per row).
@@ -57,8 +59,8 @@ def window_block_lists(
     """
     validate_window(window, sink_tokens)
     num_q_blocks = -(-q_len // block_q)
-    first = np.arange(num_q_blocks, dtype=np.int64) * block_q
-    last = np.minimum(first + block_q, q_len) - 1
+    first = q_offset + np.arange(num_q_blocks, dtype=np.int64) * block_q
+    last = np.minimum(first + block_q, q_offset + q_len) - 1
     # Sinks: keys [0, sink_end), each visible to the block's last query (causal).
     sink_end = np.minimum(min(sink_tokens, kv_len), last + 1)
     n_sink = -(-sink_end // block_k)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.local_attention import window_block_lists
 from pallas_kernels.sparse_decode import sparse_decode_reference
 from rtpurbo_jax.cache import (
     RING_PARTS,
@@ -115,42 +116,124 @@ def _prefill_stats(lengths: jax.Array, sparse: SparseConfig, layer: int,
     return jnp.stack([jnp.sum(r * causal + (heads - r) * local), jnp.sum(heads * causal)])
 
 
+def _chunk_regions(sparse: SparseConfig) -> tuple[int, int]:
+    """Key slots before a chunk's own keys in `_local_chunk_kernel`: (sinks, window), each
+    rounded up to whole query and key blocks."""
+    unit = max(sparse.block_q, sparse.block_k)
+    return -(-sparse.sink_tokens // unit) * unit, -(-sparse.window // unit) * unit
+
+
+def chunk_kernel_fits(chunk: int, sparse: SparseConfig) -> bool:
+    """Whether a chunk of `chunk` queries takes `_local_chunk_kernel`: every chunk after the
+    first then starts past the sinks and a whole window, so the keys it needs before itself
+    are exactly the sinks and the window's slots."""
+    return chunk >= sum(_chunk_regions(sparse))
+
+
+def _local_chunk_kernel(q: jax.Array, sinks: tuple[jax.Array, jax.Array],
+                        before: tuple[jax.Array, jax.Array], own: tuple[jax.Array, jax.Array],
+                        lengths: jax.Array, q_offset: jax.Array, sparse: SparseConfig,
+                        backend: str) -> jax.Array:
+    """Sinks + window of a chunk's queries (positions q_offset .., q_offset >= both regions of
+    `_chunk_regions`) through the block-sparse kernel, O(chunk * (sinks + window)) work.
+
+    q: [b, c, h, d]; sinks, before, own: (k, v) [b, n, g, d] of positions 0 .. sink_tokens-1,
+    q_offset-W .. q_offset-1 (W: the window region) and the chunk's. They form one key array
+    [sinks, zero-padded to S | before | own]: each query keeps its distance to every window
+    key, so the kernel's token mask (sinks, window, causality) holds with the queries at S + W.
+    The padding and the slots older than the window sit further than the window from every
+    query: no query sees them.
+    """
+    s_region, w_region = _chunk_regions(sparse)
+    base = s_region + w_region
+    pad = ((0, 0), (0, s_region - sparse.sink_tokens), (0, 0), (0, 0))
+    k, v = (jnp.concatenate([jnp.pad(sinks[i], pad), before[i], own[i]], axis=1)
+            for i in (0, 1))
+    c = q.shape[1]
+    lens = jnp.clip(lengths - q_offset + base, 0, base + c).astype(jnp.int32)
+    indices, counts = window_block_lists(c, base + c, sink_tokens=sparse.sink_tokens,
+                                         window=sparse.window, block_q=sparse.block_q,
+                                         block_k=sparse.block_k, q_offset=base)
+    shape = (q.shape[0], k.shape[2])
+    return kernels(backend).sparse_attention(
+        q, k, v, jnp.broadcast_to(jnp.asarray(indices), shape + indices.shape),
+        jnp.broadcast_to(jnp.asarray(counts), shape + counts.shape),
+        block_q=sparse.block_q, block_k=sparse.block_k, lengths=lens, q_offset=base,
+        window=sparse.window, sink_tokens=sparse.sink_tokens)
+
+
+def _local_chunk_fast(q: jax.Array, own: tuple[jax.Array, jax.Array], lengths: jax.Array,
+                      q_offset: jax.Array, sparse: SparseConfig, backend: str,
+                      earlier: Any) -> jax.Array:
+    """The first chunk as a prompt of its own (nothing before it), a later one through
+    `_local_chunk_kernel` with (sinks, before) = earlier() [see there]."""
+    return jax.lax.cond(
+        q_offset == 0,
+        lambda: local_prefill(q, *own, lengths, sparse, backend),
+        lambda: _local_chunk_kernel(q, *earlier(), own, lengths, q_offset, sparse, backend))
+
+
 def _local_heads_chunk(qkv: QKV, cache: dict[str, jax.Array], old_ring: dict[str, jax.Array],
                        lengths: jax.Array, q_offset: jax.Array, layer: int, config: ModelConfig,
-                       sparse: SparseConfig) -> list[tuple[tuple[int, ...], jax.Array]]:
+                       sparse: SparseConfig, backend: str
+                       ) -> list[tuple[tuple[int, ...], jax.Array]]:
     """Sinks + window of a prefill chunk's local heads (queries at q_offset ..): over the ring
     as it was before the chunk, then the chunk's own keys, for all-local groups; over the full
     cache (the chunk written) for local heads of groups that also hold a retrieval head.
 
     The ring before the chunk holds the sinks and the newest `window` positions below q_offset:
-    every earlier key any of the chunk's queries can see. Masked dense attention with explicit
-    key positions, on every backend: its keys are ring + chunk, bounded by the chunk.
+    every earlier key any of the chunk's queries can see. With kernels and a chunk that
+    `chunk_kernel_fits`, the block-sparse kernel; else masked dense attention with explicit key
+    positions, whose keys are ring + chunk (the ring heads) or the whole cache (the others).
     """
     gs = config.group_size
     window = sparse.window_groups(layer)
     ring_heads = tuple(int(h) for h in query_heads(window, gs))
     mixed = tuple(h for h in sparse.local_heads(layer) if h // gs not in window)
     c = qkv.q.shape[1]
+    fast = use_kernels(backend) and chunk_kernel_fits(c, sparse)
+    w_region = _chunk_regions(sparse)[1]
     q_pos = q_offset + jnp.broadcast_to(jnp.arange(c), (lengths.shape[0], c))
     mask = dict(sliding_window=sparse.window, sink_tokens=sparse.sink_tokens)
     pieces = []
     if ring_heads:
         idx = np.asarray(window, np.int32)
-        held, valid = ring_positions(jnp.minimum(lengths, q_offset), sparse,
-                                     old_ring["kw"].shape[1])
-        # Empty slots sit past every query, so no query sees them.
-        held = jnp.where(valid, held, jnp.iinfo(jnp.int32).max)
-        k_pos = jnp.concatenate([held, q_pos], axis=1)
-        k, v = (jnp.concatenate([old_ring[name], take_heads(x, idx)], axis=1)
-                for name, x in (("kw", qkv.k), ("vw", qkv.v)))
-        pieces.append((ring_heads, dense_attention_reference(
-            take_heads(qkv.q, np.asarray(ring_heads, np.int32)), k, v, q_pos, lengths,
-            key_positions=k_pos, **mask)))
+        q = take_heads(qkv.q, np.asarray(ring_heads, np.int32))
+        own = tuple(take_heads(x, idx) for x in (qkv.k, qkv.v))
+        size = old_ring["kw"].shape[1]
+        if fast:
+            def from_ring():
+                positions = jnp.maximum(q_offset - w_region + jnp.arange(w_region), 0)
+                slots = ring_slots(positions, sparse, size)
+                return ((old_ring["kw"][:, :sparse.sink_tokens],
+                         old_ring["vw"][:, :sparse.sink_tokens]),
+                        (old_ring["kw"][:, slots], old_ring["vw"][:, slots]))
+            out = _local_chunk_fast(q, own, lengths, q_offset, sparse, backend, from_ring)
+        else:
+            held, valid = ring_positions(jnp.minimum(lengths, q_offset), sparse, size)
+            # Empty slots sit past every query, so no query sees them.
+            held = jnp.where(valid, held, jnp.iinfo(jnp.int32).max)
+            k, v = (jnp.concatenate([old_ring[name], x], axis=1)
+                    for name, x in zip(("kw", "vw"), own, strict=True))
+            out = dense_attention_reference(q, k, v, q_pos, lengths,
+                                            key_positions=jnp.concatenate([held, q_pos], 1),
+                                            **mask)
+        pieces.append((ring_heads, out))
     if mixed:
         at = head_kv_layout(mixed, gs, sparse.full_groups(layer))
-        pieces.append((mixed, dense_attention_reference(
-            take_heads(qkv.q, np.asarray(mixed, np.int32)), take_heads(cache["k"], at),
-            take_heads(cache["v"], at), q_pos, lengths, **mask)))
+        q = take_heads(qkv.q, np.asarray(mixed, np.int32))
+        if fast:
+            def heads_at(start, n):
+                return tuple(take_heads(jax.lax.dynamic_slice_in_dim(cache[name], start, n, 1),
+                                        at) for name in ("k", "v"))
+            out = _local_chunk_fast(
+                q, heads_at(q_offset, c), lengths, q_offset, sparse, backend,
+                lambda: (heads_at(0, sparse.sink_tokens), heads_at(q_offset - w_region,
+                                                                   w_region)))
+        else:
+            out = dense_attention_reference(q, take_heads(cache["k"], at),
+                                            take_heads(cache["v"], at), q_pos, lengths, **mask)
+        pieces.append((mixed, out))
     return pieces
 
 
@@ -191,7 +274,7 @@ def layer_prefill(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
                                                 backend=backend, q_offset=q_offset)))
     if local and chunked:
         pieces += _local_heads_chunk(qkv, keys, layer_cache, lengths, q_offset, layer, config,
-                                     sparse)
+                                     sparse, backend)
     elif local:
         pieces.append((local, _local_heads_prefill(qkv, lengths, local, gs, sparse, backend)))
     ring = layer_cache["kw"].shape[1] if chunked and window else ring

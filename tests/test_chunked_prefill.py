@@ -18,6 +18,7 @@ from rtpurbo_jax.api import right_pad
 from rtpurbo_jax.cache import RING_PARTS
 from rtpurbo_jax.config import SparseConfig
 from rtpurbo_jax.indexer import indexer_keys, init_indexer
+from rtpurbo_jax.paper_attention import chunk_kernel_fits
 from rtpurbo_jax.selection import select_prefill
 from tests.tiny import TINY, tiny_model
 
@@ -32,6 +33,7 @@ MAX_LEN = L + 8  # a 48-token chunk pads the prompt to 144: its last writes fall
 STEP = [17, 23]  # one decode token per row
 PAPER = dict(design="paper", group_size=TINY.group_size, rank=4, block_q=16, block_k=16,
              sink_tokens=4, window=32, local_blocks=1, top_p=0.5)
+PAPER_SPARSE = SparseConfig(((True,) * 4, (False,) * 4), **PAPER)
 DESIGNS = {
     "dense": None,
     # KV groups [layers][groups]: one retrieval (dense) group in layer 0, the rest selected.
@@ -116,10 +118,13 @@ def test_chunked_prefill_equals_one_pass(design, chunk):
     _assert_close(c_step, step)
 
 
-@pytest.mark.parametrize("design", ["indexer", "paper_head_routed"])
+@pytest.mark.parametrize("design", ["indexer", "paper_kv_routed", "paper_head_routed"])
 def test_chunked_prefill_pallas_interpret(design):
-    """The Pallas kernels (interpreted) with a traced query offset: the sparse groups' kernel
-    and the dense heads' causal lists through it."""
+    """The Pallas kernels (interpreted) with a traced query offset: the sparse groups' kernel,
+    the dense heads' causal lists and the local heads' sinks + window through it (a 48-token
+    chunk holds the sink and window regions: the first chunk as a prompt, later ones over the
+    ring or the cache)."""
+    assert chunk_kernel_fits(48, PAPER_SPARSE) and not chunk_kernel_fits(32, PAPER_SPARSE)
     logits, cache, stats, step = _prefill_and_step(design, "reference", None)
     c_logits, c_cache, c_stats, c_step = _prefill_and_step(design, "pallas", 48)
     _assert_close(c_logits, logits)

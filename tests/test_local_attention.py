@@ -107,16 +107,18 @@ LIST_SINKS = [0, 4, 17, 40]
 LIST_BLOCKS = [(16, 16), (16, 32), (32, 16), (64, 16)]
 
 
-def test_window_block_lists_cover_exactly_the_visible_keys():
+@pytest.mark.parametrize("q_offset", [0, 37])  # 37: queries after a prefix of the keys
+def test_window_block_lists_cover_exactly_the_visible_keys(q_offset):
     for (q_len, kv_len), window, sinks, (bq, bk) in itertools.product(
         LIST_SIZES, LIST_WINDOWS, LIST_SINKS, LIST_BLOCKS
     ):
-        idx, cnt = window_block_lists(q_len, kv_len, sink_tokens=sinks, window=window,
-                                      block_q=bq, block_k=bk)
+        idx, cnt = window_block_lists(q_len, kv_len + q_offset, sink_tokens=sinks,
+                                      window=window, block_q=bq, block_k=bk, q_offset=q_offset)
+        kv_len += q_offset
         nq = -(-q_len // bq)
         assert idx.dtype == np.int32 and cnt.dtype == np.int32
         assert cnt.shape == (nq,) and idx.shape == (nq, max(int(cnt.max()), 1))
-        t = np.arange(q_len)[:, None]
+        t = q_offset + np.arange(q_len)[:, None]
         s = np.arange(kv_len)[None, :]
         visible = (s <= t) & ((s < sinks) | (s > t - window))  # [q_len, kv_len]
         for i in range(nq):
