@@ -246,32 +246,36 @@ def decode_row(params: Any, config: ModelConfig, design: str, length: int, batch
 
 
 def _fill_from_fit(rows: list[dict[str, Any]], bench: str, key: str, same: Callable[[dict], bool],
-                   max_degree: int, what: str) -> None:
-    """Dense rows of `bench` that did not fit get `extrapolated_ms` from a polynomial in `key`
-    (degree up to max_degree, less with fewer points) fitted to the measured dense rows for
-    which same(row) holds."""
+                   powers: tuple[int, ...], what: str) -> None:
+    """Dense rows of `bench` that did not fit get `extrapolated_ms` from a least-squares fit of
+    sum_p c_p * key**p over `powers` to the measured dense rows for which same(row) holds (at
+    least as many as there are powers)."""
     dense = [r for r in rows if r["bench"] == bench and r["design"] == "dense"]
     for r in dense:
         if r["ms"] is not None:
             continue
         measured = sorted((d[key], d["ms"]) for d in dense if d["ms"] and same(d, r))
-        if len(measured) < 2:
+        if len(measured) < len(powers):
             continue
         x, ms = (np.array(v, np.float64) for v in zip(*measured, strict=True))
-        degree = min(max_degree, len(measured) - 1)
-        r["extrapolated_ms"] = float(np.polyval(np.polyfit(x, ms, degree), r[key]))
-        r["note"] = (f"{r['note']}; extrapolated from a degree-{degree} fit to the dense "
-                     f"{what} at {key} {[int(v) for v in x]}")
+        scale = x.max()  # conditioning: fit in units of the largest measured key
+        basis = np.stack([(x / scale) ** p for p in powers], axis=1)
+        coef = np.linalg.lstsq(basis, ms, rcond=None)[0]
+        r["extrapolated_ms"] = float(sum(c * (r[key] / scale) ** p
+                                         for c, p in zip(coef, powers, strict=True)))
+        terms = " + ".join(f"{what[0]}{p}*{key}^{p}" for p in powers)
+        r["note"] = (f"{r['note']}; extrapolated from a fit of {terms} to the dense {what} at "
+                     f"{key} {[int(v) for v in x]}")
 
 
 def extrapolate_dense(rows: list[dict[str, Any]]) -> None:
-    """Dense rows that did not fit get a time fitted to the measured dense rows:
-    prefill from a + b*L + c*L^2 over lengths (three or more; with two, a line); decode from
-    a + b*batch over the batches measured at the same length (a step reads the weights once
-    and each row's cache once)."""
-    _fill_from_fit(rows, "model_prefill", "length", lambda d, r: True, 2, "prefill")
-    _fill_from_fit(rows, "model_decode", "batch", lambda d, r: d["length"] == r["length"], 1,
-                   "decode")
+    """Dense rows that did not fit get a time fitted to the measured dense rows: prefill from
+    b*L + c*L^2 over lengths (the weights' work per token, attention's per pair of tokens; two
+    lengths or more); decode from a + b*batch over the batches measured at the same length (a
+    step reads the weights once and each row's cache once)."""
+    _fill_from_fit(rows, "model_prefill", "length", lambda d, r: True, (1, 2), "prefill")
+    _fill_from_fit(rows, "model_decode", "batch", lambda d, r: d["length"] == r["length"],
+                   (0, 1), "decode")
 
 
 def attach_dense(rows: list[dict[str, Any]]) -> None:

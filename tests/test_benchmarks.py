@@ -43,16 +43,17 @@ def test_model_bench_labels_dense_rows_that_do_not_fit():
         return {"bench": "model_prefill", "design": design, "length": length, "batch": 1,
                 "ms": ms, "kv_bytes": length, "note": None if ms else "does not fit"}
 
-    # Dense time 1 + 2e-3 L + 1e-6 L^2 at three lengths: the fit recovers it at 4096.
-    dense = [row("dense", n, 1 + 2e-3 * n + 1e-6 * n * n) for n in (512, 1024, 2048)]
+    # Dense time 2e-3 L + 1e-6 L^2 (per token and per pair of tokens) at two lengths: the fit
+    # recovers it at 4096 (a line through the two would say 11.2, not 24.97).
+    dense = [row("dense", n, 2e-3 * n + 1e-6 * n * n) for n in (1024, 2048)]
     rows = [*dense, row("dense", 4096, None), row("paper", 4096, 5.0)]
     extrapolate_dense(rows)
     attach_dense(rows)
-    expected = 1 + 2e-3 * 4096 + 1e-6 * 4096 ** 2
-    assert rows[3]["extrapolated_ms"] == pytest.approx(expected)
-    assert "extrapolated" in rows[3]["note"] and rows[3]["ms"] is None
-    assert rows[4]["speedup"] == pytest.approx(expected / 5.0)
-    assert rows[4]["dense_kv_bytes"] == 4096
+    expected = 2e-3 * 4096 + 1e-6 * 4096 ** 2
+    assert rows[2]["extrapolated_ms"] == pytest.approx(expected)
+    assert "extrapolated" in rows[2]["note"] and rows[2]["ms"] is None
+    assert rows[3]["speedup"] == pytest.approx(expected / 5.0)
+    assert rows[3]["dense_kv_bytes"] == 4096
 
 
 def test_model_bench_extrapolates_dense_decode_over_batch():
@@ -85,13 +86,16 @@ def test_model_bench_appends_runs_into_one_table():
                 "ms": ms, "kv_bytes": length, "note": None if ms else "does not fit"}
 
     def dense_ms(n):
-        return 1 + 2e-3 * n + 1e-6 * n * n
+        return 2e-3 * n + 1e-6 * n * n
 
-    first = merge_rows([], [row("dense", 512, dense_ms(512)), row("dense", 1024, dense_ms(1024)),
-                            row("dense", 4096, None), row("paper", 4096, 99.0)])
-    assert "extrapolated" in first[2]["note"]  # a line through two lengths
-    rows = merge_rows(first, [row("dense", 2048, dense_ms(2048)), row("paper", 4096, 5.0)])
+    first = merge_rows([], [row("dense", 512, dense_ms(512)), row("dense", 4096, None),
+                            row("paper", 4096, 99.0)])
+    assert "extrapolated_ms" not in first[1]  # one length: no fit
+    rows = merge_rows(first, [row("dense", 1024, dense_ms(1024)), row("dense", 2048,
+                                                                      dense_ms(2048)),
+                              row("paper", 4096, 5.0)])
     assert len(rows) == 5 and [r["ms"] for r in rows if r["design"] == "paper"] == [5.0]
+    rows = merge_rows(rows, [])  # appending again does not stack notes
     dense = next(r for r in rows if r["design"] == "dense" and r["length"] == 4096)
     assert dense["extrapolated_ms"] == pytest.approx(dense_ms(4096))
     assert dense["note"].count("extrapolated") == 1 and "[512, 1024, 2048]" in dense["note"]
