@@ -29,7 +29,7 @@ prompt; decode: one step of the batch), dense_ms, speedup, tokens_per_s (decode)
 dense_kv_bytes, density, note}. A program whose weights and KV cache alone exceed the device
 is not compiled; it and one that runs out of memory are rows with ms null and a note that
 starts "does not fit". A dense prefill that does not fit gets a time extrapolated from
-a + b*L + c*L^2 over the dense lengths measured, a dense decode from a + b*batch over the
+b*L + c*L^2 over the dense lengths measured, a dense decode from a + b*batch over the
 dense batches measured at its length (labelled "extrapolated"). XLA may use 95% of the GPU
 (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set). Results: OUT_DIR/model_<device
 tag>.json with the device, jax version and commit; `--append` adds to that file (the runs
