@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
         compute_dtype="bfloat16",
         # 0: task samples fill seq_len; > 0: log-uniform lengths from it to seq_len, text after.
         min_task_len=0,
+        # The loss's share on the positions that predict task answers (the rest: the mean over
+        # every position). The paper's loss is on each dialogue's response tokens only (1.0).
+        answer_weight=0.0,
         checkpoint_every=100, keep_checkpoints=2,
         # Without stage 1 in train.stages: the sparse checkpoint to start from (default: the
         # run directory's sparse/).

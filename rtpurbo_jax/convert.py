@@ -242,6 +242,10 @@ def run_conversion(config: Any, run_dir: Path) -> dict[str, Any]:
         from rtpurbo_jax.stage2 import check_distill
 
         check_distill(config.distill, model.config)
+        if config.distill.answer_weight and not (config.data.tasks
+                                                 and config.data.task_fraction > 0):
+            raise ConfigError("distill.answer_weight > 0 weights task answers, but the data has "
+                              "no task samples: set data.task_fraction > 0 and data.tasks")
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
     summary: dict[str, Any] = {"model": model.config.name,
                                "device": jax.devices()[0].device_kind, "stages": list(stages)}

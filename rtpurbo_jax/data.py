@@ -66,13 +66,16 @@ def corpus_tokens(tokenizer: Any, files: Sequence[str]) -> np.ndarray:
 def make_example(index: int, *, tokens: np.ndarray, tokenizer: Any, seq_len: int, seed: int,
                  task_fraction: float, tasks: Sequence[str], stream: int | None = None,
                  min_task_len: int = 0) -> dict[str, np.ndarray]:
-    """Example `index`: {"tokens": [seq_len] int32 right-padded, "length": int32}. `stream`
-    (None: stage 1's) gives another stage its own examples under the same seed.
+    """Example `index`: {"tokens": [seq_len] int32 right-padded, "length": int32,
+    "answer_span": [2] int32}. answer_span is [start, end) of the positions whose next token is
+    a task's answer ([0, 0] for text): stage 2 can weight them (distill.answer_weight).
+    `stream` (None: stage 1's) gives another stage its own examples under the same seed.
     `min_task_len` > 0: a task sample is log-uniformly min_task_len..seq_len tokens long (as
     many samples per doubling of length) and text fills the rest of the sequence; 0: every task
     sample is seq_len long."""
     rng = np.random.default_rng([seed, index] if stream is None else [seed, stream, index])
     out = np.zeros((seq_len,), np.int32)
+    answer_span = np.zeros((2,), np.int32)
     if tasks and rng.random() < task_fraction:
         task = tasks[int(rng.integers(len(tasks)))]
         task_len = seq_len
@@ -81,6 +84,9 @@ def make_example(index: int, *, tokens: np.ndarray, tokenizer: Any, seq_len: int
         sample = make_sample(task, task_len - COMPLETION_ROOM, tokenizer, rng)
         answer = tokenizer.encode(sample.completion, add_special_tokens=False)
         seq = np.concatenate([sample.prompt, np.asarray(answer[:COMPLETION_ROOM], np.int32)])
+        # Position t predicts token t + 1: the answer's tokens are predicted from the last
+        # prompt position on.
+        answer_span[:] = (len(sample.prompt) - 1, len(seq) - 1)
         if min_task_len:
             start = int(rng.integers(0, len(tokens) - seq_len + 1))
             seq = np.concatenate([seq, tokens[start:start + seq_len - len(seq)]])
@@ -88,14 +94,14 @@ def make_example(index: int, *, tokens: np.ndarray, tokenizer: Any, seq_len: int
         start = int(rng.integers(0, len(tokens) - seq_len + 1))
         seq = tokens[start:start + seq_len]
     out[:len(seq)] = seq
-    return {"tokens": out, "length": np.int32(len(seq))}
+    return {"tokens": out, "length": np.int32(len(seq)), "answer_span": answer_span}
 
 
 def training_dataset(tokenizer: Any, data_config: Any, *, seq_len: int, batch_size: int,
                      steps: int, seed: int, stream: int | None = None,
                      min_task_len: int = 0) -> Any:
-    """A grain.MapDataset of `steps` batches {"tokens": [batch, seq_len], "length": [batch]}
-    (`stream`, `min_task_len`: see make_example)."""
+    """A grain.MapDataset of `steps` batches {"tokens": [batch, seq_len], "length": [batch],
+    "answer_span": [batch, 2]} (`stream`, `min_task_len`, the answer span: see make_example)."""
     import grain
 
     tasks = tuple(data_config.tasks)

@@ -50,12 +50,13 @@ class Stage2Spec:
     lora_alpha: float = 16.0
     compute_dtype: str = "bfloat16"
     backend: str = "auto"  # the teacher's dense attention (no gradient through it)
+    answer_weight: float = 0.0  # the loss's share on task answers (self_distill)
 
     @classmethod
     def from_config(cls, distill: Any, backend: str) -> Stage2Spec:
         return cls(loss=distill.loss, top_k=distill.top_k, lora_rank=distill.lora_rank,
                    lora_alpha=distill.lora_alpha, compute_dtype=distill.compute_dtype,
-                   backend=backend)
+                   backend=backend, answer_weight=distill.answer_weight)
 
 
 def check_distill(distill: Any, config: ModelConfig) -> None:
@@ -74,6 +75,9 @@ def check_distill(distill: Any, config: ModelConfig) -> None:
     if distill.teacher == "cached" and distill.loss != "top_k":
         raise ConfigError("distill.teacher='cached' keeps the teacher's top-k only; the 'full' "
                           "loss needs the live teacher")
+    if not 0.0 <= distill.answer_weight <= 1.0:
+        raise ConfigError(f"distill.answer_weight must be in [0, 1], got "
+                          f"{distill.answer_weight}")
     check_lora(distill.lora_rank, tuple(distill.lora_targets))
     try:
         jnp.dtype(distill.compute_dtype)
@@ -127,6 +131,7 @@ def stage2_loss(
     teacher: Params,
     tokens: jax.Array,
     lengths: jax.Array,
+    answer_spans: jax.Array,
     cached: tuple[jax.Array, jax.Array] | None,
     *,
     config: ModelConfig,
@@ -134,7 +139,8 @@ def stage2_loss(
     indexer: Any,
     spec: Stage2Spec,
 ) -> jax.Array:
-    """The stage-2 loss of a batch; tokens: [batch, seq] right-padded, lengths: [batch].
+    """The stage-2 loss of a batch; tokens: [batch, seq] right-padded, lengths: [batch],
+    answer_spans: [batch, 2] (the positions predicting a task's answer; [0, 0] for text).
 
     trainable: the float32 master weights (full fine-tune) or the LoRA adapters; teacher: the
     frozen original weights in the compute dtype; cached: the teacher's top-k logits and ids
@@ -147,10 +153,12 @@ def stage2_loss(
     if spec.loss == "full":
         hidden = jax.lax.stop_gradient(hidden_states(teacher, tokens, lengths, config,
                                                      spec.backend))
-        return full_loss(params, teacher, hidden, student, lengths, config)
+        return full_loss(params, teacher, hidden, student, lengths, config, answer_spans,
+                         spec.answer_weight)
     values, ids = cached if cached is not None else teacher_signal(teacher, tokens, lengths,
                                                                    config, spec)
-    return top_k_loss(params, student, values, ids, lengths, config)
+    return top_k_loss(params, student, values, ids, lengths, config, answer_spans,
+                      spec.answer_weight)
 
 
 # ---------------------------------------------------------------------------- sharding
@@ -191,13 +199,14 @@ def place_trainable(trainable: Any, config: ModelConfig, distill: Any,
 
 def make_step(config: ModelConfig, sparse: SparseConfig, indexer: Any, spec: Stage2Spec,
               optimizer: optax.GradientTransformation) -> Any:
-    """step(state, teacher, tokens, lengths, cached) -> (state, {"loss", "grad_norm"}), where
-    state = {"trainable", "opt_state"} (not jitted here: `compile_step` places it)."""
+    """step(state, teacher, tokens, lengths, answer_spans, cached) -> (state, {"loss",
+    "grad_norm"}), where state = {"trainable", "opt_state"} (not jitted here: `compile_step`
+    places it)."""
 
-    def step(state, teacher, tokens, lengths, cached):
+    def step(state, teacher, tokens, lengths, answer_spans, cached):
         loss, grads = jax.value_and_grad(stage2_loss)(
-            state["trainable"], teacher, tokens, lengths, cached, config=config, sparse=sparse,
-            indexer=indexer, spec=spec)
+            state["trainable"], teacher, tokens, lengths, answer_spans, cached, config=config,
+            sparse=sparse, indexer=indexer, spec=spec)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
         return ({"trainable": trainable, "opt_state": opt_state},
@@ -207,7 +216,8 @@ def make_step(config: ModelConfig, sparse: SparseConfig, indexer: Any, spec: Sta
 
 
 def compile_step(step: Any, mesh: Any, state: Any, teacher: Params, tokens: jax.Array,
-                 lengths: jax.Array, cached: Any) -> tuple[Any, dict[str, float]]:
+                 lengths: jax.Array, answer_spans: jax.Array, cached: Any
+                 ) -> tuple[Any, dict[str, float]]:
     """The step compiled ahead of time for these (already placed) arguments, and what it needs:
     {"argument", "output", "temp", "alias"} bytes from XLA's memory analysis (empty when the
     backend reports none). The state keeps its shardings and is donated."""
@@ -216,9 +226,9 @@ def compile_step(step: Any, mesh: Any, state: Any, teacher: Params, tokens: jax.
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     jitted = jax.jit(step, in_shardings=(
         state_shardings, jax.tree.map(lambda x: x.sharding, teacher), batch,
-        batch_sharding(mesh, tokens.shape[0], 1), cached_sharding),
+        batch_sharding(mesh, tokens.shape[0], 1), batch, cached_sharding),
         out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
-    compiled = jitted.lower(state, teacher, tokens, lengths, cached).compile()
+    compiled = jitted.lower(state, teacher, tokens, lengths, answer_spans, cached).compile()
     return compiled, memory_analysis(compiled)
 
 
@@ -296,9 +306,12 @@ def run_stage2(
     def inputs(step: int, batch: dict[str, np.ndarray]) -> tuple[Any, ...]:
         tokens, lengths = np.asarray(batch["tokens"]), np.asarray(batch["length"])
         rows = tokens.shape[0]
+        # Batches of text alone (no task) may come without spans: they hold no answer.
+        spans = np.asarray(batch.get("answer_span", np.zeros((rows, 2), np.int32)))
         cached = cache(step, tokens, lengths) if cache else None
         return (jax.device_put(tokens, batch_sharding(mesh, rows, 2)),
                 jax.device_put(lengths, batch_sharding(mesh, rows, 1)),
+                jax.device_put(spans, batch_sharding(mesh, rows, 2)),
                 None if cached is None else jax.device_put(cached,
                                                            batch_sharding(mesh, rows, 3)))
 
@@ -308,13 +321,13 @@ def run_stage2(
     bar = tqdm(range(start, distill.steps), initial=start, total=distill.steps,
                desc="stage 2", disable=not progress)
     for step, batch in zip(bar, dataset[start:], strict=False):
-        tokens, lengths, cached = inputs(step, batch)
+        tokens, lengths, spans, cached = inputs(step, batch)
         if step_fn is None:
             step_fn, memory = compile_step(make_step(config, sparse, indexer, spec, optimizer),
-                                           mesh, state, teacher, tokens, lengths, cached)
+                                           mesh, state, teacher, tokens, lengths, spans, cached)
             tqdm.write(memory_line(memory))
         tick = time.perf_counter()
-        state, metrics = step_fn(state, teacher, tokens, lengths, cached)
+        state, metrics = step_fn(state, teacher, tokens, lengths, spans, cached)
         log_step(step + 1, jax.device_get(metrics), batch["length"], time.perf_counter() - tick,
                  writer, bar, history)
         manager.save(step + 1, args=ocp.args.StandardSave(state),

@@ -35,8 +35,9 @@ def _setup(seed: int = 0, config=TINY):
     return params, teacher, student
 
 
-def _naive(params, teacher_hidden, student_hidden, lengths, config, loss, top_k):
-    """Full [b, t, vocab] logits at once; the same KL definitions."""
+def _naive(params, teacher_hidden, student_hidden, lengths, config, loss, top_k,
+           answer_spans=None, answer_weight=0.0):
+    """Full [b, t, vocab] logits at once; the same KL definitions and weighting."""
     teacher = jax.lax.stop_gradient(lm_logits(params, teacher_hidden, config))
     student = lm_logits(params, student_hidden, config)
     if loss == "top_k":
@@ -44,8 +45,14 @@ def _naive(params, teacher_hidden, student_hidden, lengths, config, loss, top_k)
         student = jnp.take_along_axis(student, ids, axis=-1)
     p = jax.nn.softmax(teacher, axis=-1)
     kl = jnp.sum(p * (jax.nn.log_softmax(teacher, -1) - jax.nn.log_softmax(student, -1)), -1)
-    valid = jnp.arange(teacher_hidden.shape[1])[None, :] < lengths[:, None]
-    return jnp.sum(jnp.where(valid, kl, 0.0)) / valid.sum()
+    pos = jnp.arange(teacher_hidden.shape[1])[None, :]
+    valid = pos < lengths[:, None]
+    mean = jnp.sum(jnp.where(valid, kl, 0.0)) / valid.sum()
+    if not answer_weight:
+        return mean
+    answer = valid & (pos >= answer_spans[:, :1]) & (pos < answer_spans[:, 1:])
+    answer_mean = jnp.sum(jnp.where(answer, kl, 0.0)) / jnp.maximum(answer.sum(), 1)
+    return (1 - answer_weight) * mean + answer_weight * answer_mean
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -72,6 +79,37 @@ def test_equals_naive_value_and_gradients(monkeypatch, loss, chunk, tied):
     # The teacher side is stop_gradient'ed: exactly zero, not merely small.
     assert not np.any(np.asarray(grads[1]))
     assert np.any(np.asarray(grads[2]))
+
+
+# Row 0's answer crosses chunk edges, row 1 has none, row 2's runs past its length (1).
+ANSWER_SPANS = jnp.array([[3, 14], [0, 0], [0, 9]], jnp.int32)
+
+
+@pytest.mark.parametrize("answer_weight", [0.5, 1.0])
+@pytest.mark.parametrize("chunk", (5, 64))
+@pytest.mark.parametrize("loss", LOSSES)
+def test_answer_weighting_equals_naive(monkeypatch, loss, chunk, answer_weight):
+    monkeypatch.setattr(self_distill, "DISTILL_CHUNK", chunk)
+    params, teacher, student = _setup(5)
+
+    def chunked(sh, spans):
+        return distillation_loss(params, teacher, sh, LENGTHS, TINY, loss=loss,
+                                 answer_spans=spans, answer_weight=answer_weight)
+
+    value, grad = jax.value_and_grad(chunked)(student, ANSWER_SPANS)
+    ref_value, ref_grad = jax.value_and_grad(
+        lambda sh: _naive(params, teacher, sh, LENGTHS, TINY, loss, self_distill.DEFAULT_TOP_K,
+                          ANSWER_SPANS, answer_weight))(student)
+    np.testing.assert_allclose(value, ref_value, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    outside = np.ones((B, T), bool)
+    outside[0, 3:14] = outside[2, 0:1] = False
+    # Only answers count at weight 1; below it every valid position does.
+    assert (not np.any(np.asarray(grad)[outside])) == (answer_weight == 1.0)
+    # Without any answer in the batch, the answers' term is 0.
+    none = chunked(student, jnp.zeros_like(ANSWER_SPANS))
+    plain = distillation_loss(params, teacher, student, LENGTHS, TINY, loss=loss)
+    np.testing.assert_allclose(none, (1 - answer_weight) * plain, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -121,10 +159,12 @@ def test_bad_arguments():
          "hidden states must be"),
         (dict(teacher_hidden=teacher[0], student_hidden=student[0]), "hidden states must be"),
         (dict(lengths=LENGTHS[:-1]), "lengths must be"),
+        (dict(answer_weight=-0.1), "answer_weight must be in"),
     ]
     for overrides, message in cases:
         kwargs = dict(teacher_hidden=teacher, student_hidden=student, lengths=LENGTHS)
-        options = {k: overrides.pop(k) for k in ("loss", "top_k") if k in overrides}
+        options = {k: overrides.pop(k) for k in ("loss", "top_k", "answer_weight")
+                   if k in overrides}
         kwargs.update(overrides)
         with pytest.raises(ValueError, match=message):
             distillation_loss(params, config=TINY, **kwargs, **options)

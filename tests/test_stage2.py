@@ -67,7 +67,8 @@ def _spec(**overrides) -> stage2.Stage2Spec:
 def _loss(trainable, teacher, sparse, spec, cached=None):
     tokens, lengths = _batch()
     loss = jax.jit(stage2.stage2_loss, static_argnames=("config", "sparse", "spec"))
-    return loss(trainable, teacher, jnp.asarray(tokens), jnp.asarray(lengths), cached,
+    spans = jnp.zeros((len(lengths), 2), jnp.int32)
+    return loss(trainable, teacher, jnp.asarray(tokens), jnp.asarray(lengths), spans, cached,
                 config=TINY, sparse=sparse, indexer=_indexer(sparse), spec=spec)
 
 
@@ -162,7 +163,7 @@ def test_four_device_mesh_matches_one_device():
             mesh = jax.sharding.Mesh(np.asarray(jax.devices()[: data * fsdp]).reshape(
                 data, fsdp), ("data", "fsdp"))
             for lora in (0, 4):
-                distill = _distill(lora_rank=lora, batch_size=4)
+                distill = _distill(lora_rank=lora, batch_size=4, answer_weight=0.5)
                 spec = stage2.Stage2Spec.from_config(distill, "reference")
                 teacher = jax.device_put(params, stage2.tree_shardings(
                     mesh, param_axes(TINY), params))
@@ -172,9 +173,11 @@ def test_four_device_mesh_matches_one_device():
                 step = stage2.make_step(TINY, sparse, _indexer(sparse), spec, opt)
                 t = jax.device_put(tokens, stage2.batch_sharding(mesh, 4, 2))
                 n = jax.device_put(lengths, stage2.batch_sharding(mesh, 4, 1))
-                compiled, _ = stage2.compile_step(step, mesh, state, teacher, t, n, None)
+                a = jax.device_put(np.asarray([[40, 48], [0, 0], [10, 30], [0, 0]], np.int32),
+                                   stage2.batch_sharding(mesh, 4, 2))
+                compiled, _ = stage2.compile_step(step, mesh, state, teacher, t, n, a, None)
                 for _ in range(2):  # the second step sees the first one's update
-                    state, metrics = compiled(state, teacher, t, n, None)
+                    state, metrics = compiled(state, teacher, t, n, a, None)
                 out[f"{name}{lora}"] = {k: float(v) for k, v in metrics.items()}
         print(json.dumps(out))
     """)
@@ -199,10 +202,19 @@ def test_bad_configs_give_one_clear_error_each():
         (dict(teacher="cached", loss="full"), "the 'full' loss needs the live teacher"),
         (dict(lora_rank=4, lora_targets=("wq", "lm_head")), "are not adaptable weights"),
         (dict(compute_dtype="float12"), "is not a dtype"),
+        (dict(answer_weight=1.5), "answer_weight must be in"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
             stage2.check_distill(_distill(**overrides), TINY)
+    from rtpurbo_jax.convert import run_conversion
+
+    config = tiny.get_config()
+    config.train.stages = ("distill",)
+    config.data.task_fraction = 0.0
+    config.distill.answer_weight = 0.5
+    with pytest.raises(ConfigError, match="the data has no task samples"):
+        run_conversion(config, Path("unused"))
     for stages, message in [(("indexer", "finetune"), "must be one or both"),
                             (("distill", "indexer"), "in the order"), ((), "must be one or both")]:
         with pytest.raises(ConfigError, match=message):
@@ -223,7 +235,7 @@ def test_both_stages_end_to_end(tmp_path):
     config.train.update(steps=2, loss_level="token", teacher_top_p=1.0,
                         stages=("indexer", "distill"))
     config.distill.update(steps=2, seq_len=256, batch_size=1, warmup_steps=1,
-                          compute_dtype="float32", export_dtype="float32")
+                          compute_dtype="float32", export_dtype="float32", answer_weight=0.5)
     summary = run_conversion(config, tmp_path / "run")
     assert summary["stages"] == ["indexer", "distill"] and summary["distill"]["steps"] == 2
     for name in ("sparse/sparse.json", "distill/metrics.jsonl", "model/config.json",

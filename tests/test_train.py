@@ -190,6 +190,26 @@ def test_examples_are_deterministic_and_fit():
     assert a["tokens"].shape == (300,) and 0 < a["length"] <= 300
 
 
+@pytest.mark.parametrize("min_task_len", [0, 300])
+def test_answer_span_marks_the_positions_that_predict_the_answer(min_task_len):
+    tokens = np.arange(5000, dtype=np.int32) % 90 + 32
+    tokenizer = ByteTokenizer()
+    kinds = set()
+    for index in range(12):
+        example = make_example(index, tokens=tokens, tokenizer=tokenizer, seq_len=600, seed=1,
+                               task_fraction=0.5, tasks=("passkey",), min_task_len=min_task_len)
+        start, end = example["answer_span"]
+        kinds.add(bool(end))
+        if not end:  # text: no answer
+            assert start == 0
+            continue
+        text = tokenizer.decode(example["tokens"][start + 1:end + 1])
+        prompt = tokenizer.decode(example["tokens"][:start + 1])
+        key = prompt.split("The pass key is ")[1][:5]  # the first needle holds the answer
+        assert text == " " + key and prompt.endswith("The pass key is")
+    assert kinds == {True, False}
+
+
 def test_task_samples_of_many_lengths_are_followed_by_text():
     tokens = np.arange(5000, dtype=np.int32) % 90 + 32
     tokenizer = ByteTokenizer()
