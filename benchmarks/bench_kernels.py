@@ -749,15 +749,21 @@ def check_smoke(setup: Setup, args, sections: set[str], result: dict) -> None:
     assert len(result["rows"]) == expected, result["rows"]
 
 
+def use_smoke_xla_flags() -> None:
+    """Adds SMOKE_XLA_FLAGS to $XLA_FLAGS (a flag already set there wins). Call before JAX's
+    backend starts."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    names = {f.split("=")[0] for f in flags}
+    flags += [f for f in SMOKE_XLA_FLAGS if f.split("=")[0] not in names]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
 def main(argv: Sequence[str]) -> None:
     t0 = time.perf_counter()
     args = parse_args(argv)
     setup = SMOKE if args.smoke else REAL
     if args.smoke:
-        flags = os.environ.get("XLA_FLAGS", "").split()
-        names = {f.split("=")[0] for f in flags}
-        flags += [f for f in SMOKE_XLA_FLAGS if f.split("=")[0] not in names]
-        os.environ["XLA_FLAGS"] = " ".join(flags)
+        use_smoke_xla_flags()
     sections = set(args.sections.split(","))
     os.makedirs(args.out_dir, exist_ok=True)
     result = {

@@ -11,7 +11,8 @@ Sections (--sections, comma separated):
   prefill_layer   a whole Llama-3-8B attention layer (32 query / 8 KV heads, head_dim 128,
                   bf16, batch 1): KV head 0 dense through cuDNN, the other 7 through the indexer
                   and the block-sparse kernel, vs cuDNN dense over all heads;
-  decode_layer    one decode step of the same layer over a cache, batch 1 and 16.
+  decode_layer    one decode step of the same layer over a cache, batch 1 and 16, once per
+                  --decode-splits variant, with the launches of its compiled step.
 Indexer inputs are synthetic but shaped like real ones (see `planted_indexer`), so top-p picks a
 realistic, query-dependent set of blocks. Results go to OUT_DIR/layer.json (rewritten after
 every row); a short table prints last. The commit recorded is $COMMIT when set, else HEAD.
@@ -35,6 +36,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -66,6 +68,7 @@ from pallas_kernels.indexer_topp import (
     block_logits_reference,
     indexer_topp,
     indexer_topp_reference,
+    max_selected,
     pool_queries,
     query_block_extent,
     select_blocks,
@@ -73,7 +76,7 @@ from pallas_kernels.indexer_topp import (
     select_blocks_reference,
 )
 from pallas_kernels.sparse_attention import sparse_attention
-from pallas_kernels.sparse_decode import sparse_decode
+from pallas_kernels.sparse_decode import default_num_splits, sparse_decode
 from rtpurbo_jax import attention
 from rtpurbo_jax.config import ModelConfig, SparseConfig
 from rtpurbo_jax.indexer import indexer_keys, indexer_queries
@@ -179,6 +182,9 @@ OPTION_DEFAULTS = {
     "prefill_lengths": ([32768, 131072, 524288, 1 << 20], [SMOKE_LENGTH]),
     "decode_lengths": ([32768, 131072, 524288], [SMOKE_LENGTH]),
     "decode_batches": ([1, 16], [1, 2]),
+    # "auto" the kernel's default split count, "fill" the SM fill alone (the default before
+    # the walk bound), an integer that count; smoke: 1 is the path without a merge.
+    "decode_splits": (["auto"], ["auto", "1"]),
     "dense_max_length": (524288, SMOKE_LENGTH),
     "breakdown_max_length": (131072, SMOKE_LENGTH),
 }
@@ -330,18 +336,19 @@ def prefill_layer(q, k, v, lengths, layer_indexer):
     return out, stats
 
 
-def decode_layer(q, k, v, ks, vs, ki, lengths, layer_indexer):
+def decode_layer(q, k, v, ks, vs, ki, lengths, layer_indexer, num_splits=None):
     """One decode step of the layer over a filled cache, without the cache write.
 
     q: [b, 1, H, D] at position lengths - 1; k, v: [b, L, 1, D] (the dense group); ks, vs:
     [b, L, 7, D]; ki: [b, L, 7, RANK]. As `attention.layer_decode` after its `write_parts`
-    (timed apart, a write into an undonated cache would copy all of it). Returns (out, counts).
+    (timed apart, a write into an undonated cache would copy all of it); num_splits: the
+    sparse decode's (None: its default). Returns (out, counts).
     """
     dense = attention.dense_decode(q[:, :, DENSE_HEADS], k, v, lengths, backend=LAYER_BACKEND)
     qs = q[:, :, SPARSE_HEADS]
     indices, counts = select_decode_kernel(qs, ks, ki, lengths, SPARSE, layer_indexer)
     out = sparse_decode(qs[:, 0], ks, vs, indices[:, :, 0], counts[:, :, 0], lengths,
-                        block_k=BLOCK, interpret=INTERPRET)
+                        block_k=BLOCK, num_splits=num_splits, interpret=INTERPRET)
     # Dense group 0 holds heads 0..G-1: concatenation is head order.
     return jnp.concatenate([dense, out[:, None]], axis=2), counts
 
@@ -379,6 +386,29 @@ def time_calls(fn: Callable, inputs: list[tuple], runs: int) -> tuple[float, lis
 
 def time_ms(fn: Callable, inputs: list[tuple], runs: int) -> float:
     return time_calls(fn, inputs, runs)[0]
+
+
+# Instructions of a compiled module that launch nothing: they name, view or bundle buffers.
+NO_LAUNCH_OPS = frozenset({"parameter", "constant", "bitcast", "get-tuple-element", "tuple"})
+
+
+def compiled_launches(fn: Callable, args: tuple) -> dict[str, int]:
+    """Instructions of jit(fn)(*args)'s optimised entry computation that do work, by opcode.
+
+    On a GPU each is one launch (a fusion, a custom call: Triton, cuDNN, cuBLAS, or a copy);
+    off one they are a proxy (interpreted Pallas kernels are loops of XLA ops there).
+    """
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    entry = text[text.index("\nENTRY "):]
+    entry = entry[:entry.index("\n}") + 1]
+    ops: dict[str, int] = {}
+    for line in entry.splitlines()[1:]:
+        # `name = type opcode(operands), attributes`; a tuple type may hold /*index=N*/.
+        line = re.sub(r"/\*.*?\*/", "", line)
+        match = re.match(r"\s*(?:ROOT )?\S+ = (?:\([^=]*?\)|\S+) ([\w-]+)\(", line)
+        if match and match.group(1) not in NO_LAUNCH_OPS:
+            ops[match.group(1)] = ops.get(match.group(1), 0) + 1
+    return ops
 
 
 def guarded(name: str, fn: Callable[[], None], save: Callable[[], None]) -> None:
@@ -713,6 +743,16 @@ def run_prefill_layer(args, results: dict, dense: DenseTimes, save: Callable[[],
         guarded(f"prefill_layer {length}", one, save)
 
 
+def decode_num_splits(variant: str, batch: int, max_sel: int) -> int:
+    """A --decode-splits entry -> the sparse decode's split count at this shape."""
+    groups = len(SPARSE_GROUPS)
+    if variant == "auto":
+        return default_num_splits(batch, groups, max_sel)
+    if variant == "fill":
+        return default_num_splits(batch, groups, max_sel, max_walk=None)
+    return int(variant)
+
+
 def run_decode_layer(args, results: dict, save: Callable[[], None]) -> None:
     rows = results["rows"]
     layer_indexer = indexer_params()
@@ -725,10 +765,12 @@ def run_decode_layer(args, results: dict, save: Callable[[], None]) -> None:
         return select_decode_kernel(q[:, :, SPARSE_HEADS], None, ki, lengths, SPARSE,
                                     layer_indexer)
 
-    sparse_fn = functools.partial(decode_layer, layer_indexer=layer_indexer)
+    r = rule()
     for length in args.decode_lengths:
+        max_sel = max_selected(-(-length // BLOCK), r["max_blocks"], r["top_k"],
+                               r["sink_blocks"] + r["local_blocks"], r["min_blocks"])
         for batch in args.decode_batches:
-            def one(length=length, batch=batch):
+            def one(length=length, batch=batch, max_sel=max_sel):
                 cache_bytes = 2 * batch * length * NUM_KV_HEADS * HEAD_DIM * BYTES_BF16
                 num_layers = int(max(1, min(MAX_DECODE_LAYERS,
                                             DECODE_CACHE_BUDGET // cache_bytes)))
@@ -758,27 +800,36 @@ def run_decode_layer(args, results: dict, save: Callable[[], None]) -> None:
                                   ks[..., :RANK]))
                     del k, v
                 sparse_calls = calls(split)
-                ms, outputs = time_calls(sparse_fn, sparse_calls, TIMED_RUNS)
-                listed = float(sum(jnp.sum(out[1]) for out in outputs)) / len(outputs)
-                density = listed / (batch * len(SPARSE_GROUPS) * -(-length // BLOCK))
                 index_ms = time_ms(indexer_fn, [(c[0], c[5], lengths) for c in sparse_calls],
                                    TIMED_RUNS)
-                del outputs, sparse_calls, split
-                nbytes = (2 * batch * length * len(DENSE_GROUPS) * HEAD_DIM * BYTES_BF16
-                          + batch * length * len(SPARSE_GROUPS) * RANK * BYTES_BF16
-                          + listed * BLOCK * HEAD_DIM * 2 * BYTES_BF16)
-                row = {
-                    "bench": "decode_layer", "length": length, "batch": batch,
-                    "density": density, "ms": ms, "dense_ms": dense_ms,
-                    "speedup": dense_ms / ms, "indexer_ms": index_ms, "bytes": nbytes,
-                    "floor_ms": floor_ms(0.0, nbytes),
-                    "dense_floor_ms": floor_ms(0.0, cache_bytes), "cache_layers": num_layers,
-                    "amdahl_bound": NUM_KV_HEADS / len(DENSE_GROUPS),
-                }
-                rows.append(row)
-                log(f"decode_layer {length} b{batch}: {ms * 1e3:.1f} us vs dense "
-                    f"{dense_ms * 1e3:.1f} us, x{row['speedup']:.2f}, density {density:.3f}, "
-                    f"indexer {index_ms * 1e3:.1f} us, floor {row['floor_ms'] * 1e3:.1f} us")
+                for variant in args.decode_splits:
+                    num_splits = decode_num_splits(variant, batch, max_sel)
+                    sparse_fn = functools.partial(decode_layer, layer_indexer=layer_indexer,
+                                                  num_splits=num_splits)
+                    ms, outputs = time_calls(sparse_fn, sparse_calls, TIMED_RUNS)
+                    launches = compiled_launches(sparse_fn, sparse_calls[0])
+                    listed = float(sum(jnp.sum(out[1]) for out in outputs)) / len(outputs)
+                    density = listed / (batch * len(SPARSE_GROUPS) * -(-length // BLOCK))
+                    del outputs
+                    nbytes = (2 * batch * length * len(DENSE_GROUPS) * HEAD_DIM * BYTES_BF16
+                              + batch * length * len(SPARSE_GROUPS) * RANK * BYTES_BF16
+                              + listed * BLOCK * HEAD_DIM * 2 * BYTES_BF16)
+                    row = {
+                        "bench": "decode_layer", "length": length, "batch": batch,
+                        "splits": variant, "num_splits": num_splits,
+                        "launches": sum(launches.values()), "launch_ops": launches,
+                        "density": density, "ms": ms, "dense_ms": dense_ms,
+                        "speedup": dense_ms / ms, "indexer_ms": index_ms, "bytes": nbytes,
+                        "floor_ms": floor_ms(0.0, nbytes),
+                        "dense_floor_ms": floor_ms(0.0, cache_bytes), "cache_layers": num_layers,
+                        "amdahl_bound": NUM_KV_HEADS / len(DENSE_GROUPS),
+                    }
+                    rows.append(row)
+                    log(f"decode_layer {length} b{batch} splits {variant} ({num_splits}): "
+                        f"{ms * 1e3:.1f} us vs dense {dense_ms * 1e3:.1f} us, "
+                        f"x{row['speedup']:.2f}, {row['launches']} launches {launches}, "
+                        f"density {density:.3f}, indexer {index_ms * 1e3:.1f} us, "
+                        f"floor {row['floor_ms'] * 1e3:.1f} us")
 
             guarded(f"decode_layer {length} b{batch}", one, save)
 
@@ -792,6 +843,8 @@ def print_table(rows: list[dict]) -> None:
             note += ", dense extrapolated"
         if r["bench"] == "indexer_select" and dense:
             note += f", {r['fraction_of_dense']:.2%} of dense"
+        if r["bench"] == "decode_layer":
+            note += f", splits {r['splits']} ({r['num_splits']}), {r['launches']} launches"
         log(f"{r['bench']:<16} {r['length']:>7} {r['batch']:>6} {r['density']:>7.3f} "
             f"{r['ms']:>10.3f} {dense if dense else float('nan'):>11.3f} "
             f"{(r['speedup'] or float('nan')):>8.2f}  {note}")
@@ -825,6 +878,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help=default("prefill_lengths"))
     p.add_argument("--decode-lengths", type=ints, default=None, help=default("decode_lengths"))
     p.add_argument("--decode-batches", type=ints, default=None, help=default("decode_batches"))
+    p.add_argument("--decode-splits", type=lambda s: s.split(","), default=None,
+                   help="split counts of the sparse decode, each timed: auto (the kernel's "
+                   "default), fill (the SM fill alone, the default before the walk bound) or "
+                   "an integer; " + default("decode_splits"))
     p.add_argument("--selections", type=lambda s: s.split(","), default=list(SELECTIONS),
                    help="selection implementations indexer_select times (pallas first)")
     p.add_argument("--dense-max-length", type=int, default=None,

@@ -71,6 +71,10 @@ def query_block_extent(
     rows = jnp.arange(num_q_blocks * block_q).reshape(num_q_blocks, block_q)
     pos = q_start[:, None, None] + rows[None]
     valid = (rows[None] < q_len) & (pos < lengths[:, None, None])
+    if q_len == 1:
+        # One query row (decode): it is the block's only possible valid row, and an
+        # elementwise select replaces the reduction (a launch of its own on a GPU).
+        return valid, jnp.where(valid[:, :, 0], pos[:, :, 0], -1)
     last = jnp.max(jnp.where(valid, pos, -1), axis=-1)
     return valid, last
 
@@ -81,6 +85,10 @@ def pool_queries(qi: jax.Array, valid: jax.Array) -> jax.Array:
     qi: [batch, q_len, groups, r]; valid: [batch, nq, block_q] -> [batch, nq, groups, r].
     """
     b, t, g, r = qi.shape
+    if t == 1:
+        # One query row (decode): the mean of one valid row is that row (exactly), of none 0;
+        # no padding to block_q rows and no reduction.
+        return jnp.where(valid[:, :, :1, None], qi.astype(jnp.float32), 0.0)
     nq, bq = valid.shape[1:]
     padded = jnp.pad(qi.astype(jnp.float32), ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
     blocks = padded.reshape(b, nq, bq, g, r) * valid[..., None, None]
@@ -266,19 +274,25 @@ def _scores(q_parts, k, precision) -> jax.Array:
     return total
 
 
-def _logits_kernel(q_ref, k_ref, last_ref, o_ref, *, tile_q: int, chunk_blocks: int,
-                   block_k: int, nq: int, nk: int, kv_len: int, split_q: bool, precision):
+def _logits_kernel(q_ref, k_ref, last_ref, len_ref, o_ref, *, tile_q: int, chunk_blocks: int,
+                   block_k: int, nq: int, nk: int, kv_len: int, q_scale: float, split_q: bool,
+                   precision):
     """One program: tile_q pooled queries against one chunk of chunk_blocks key blocks.
 
-    q_ref: [tile_q, r] float32 pooled queries pre-scaled by scale * log2(e); k_ref: [kv_len, r];
-    last_ref: [tile_q] int32, each query block's last candidate key (-1: none);
-    o_ref: [tile_q, chunk_blocks] float32 block logits (natural log).
+    q_ref: [tile_q, r] pooled queries (scaled by q_scale here); k_ref: [kv_len, r];
+    last_ref: [tile_q] int32, each query block's last valid query position (-1: none);
+    len_ref: the row's length (scalar); o_ref: [tile_q, chunk_blocks] float32 block logits
+    (natural log).
     """
     rows = pl.program_id(0) * tile_q + lax.iota(jnp.int32, tile_q)
     j0 = pl.program_id(1) * chunk_blocks
     row_ok = None if nq % tile_q == 0 else rows < nq
-    q = _load(q_ref, None if row_ok is None else row_ok[:, None], 0.0)
-    last = _load(last_ref, row_ok, -1)
+    # Scaling and the clamp to the length happen here rather than as XLA ops before the
+    # launch: at decode each would be a launch of its own, for a handful of numbers.
+    q = _load(q_ref, None if row_ok is None else row_ok[:, None], 0.0).astype(jnp.float32)
+    q = q * q_scale
+    # The last candidate key: keys past the length are never candidates.
+    last = jnp.minimum(_load(last_ref, row_ok, -1), len_ref[()] - 1)
     q_parts = _split_bf16(q) if split_q else (q,)
     # Blocks [j0, full_end) hold only candidate keys of every row (no mask); blocks
     # [full_end, live_end) hold a candidate of some row; the rest of the chunk holds none.
@@ -369,12 +383,10 @@ def block_logits(
                               ("chunk_blocks", chunk_blocks, 1)):
         if size < least or size & (size - 1):
             raise ValueError(f"{name}={size} must be a power of 2 >= {least}")
-    # Keys past the length are never candidates: fold that into the last candidate position.
-    last = jnp.minimum(last, lengths[:, None] - 1).astype(jnp.int32)
     split_q = ki.dtype == jnp.bfloat16
     if not split_q:
         ki = ki.astype(jnp.float32)
-    q = pooled.astype(jnp.float32) * (scale * LOG2_E)
+    q = pooled
     rank_pad = max(MIN_DOT_DIM, pl.next_power_of_2(rank))
     if rank_pad != rank:
         pad = ((0, 0), (0, 0), (0, 0), (0, rank_pad - rank))
@@ -382,7 +394,7 @@ def block_logits(
 
     kernel = functools.partial(
         _logits_kernel, tile_q=tile_q, chunk_blocks=chunk_blocks, block_k=block_k, nq=nq, nk=nk,
-        kv_len=kv_len, split_q=split_q,
+        kv_len=kv_len, q_scale=scale * LOG2_E, split_q=split_q,
         precision=lax.Precision.DEFAULT if split_q else lax.Precision.HIGHEST,
     )
 
@@ -396,6 +408,9 @@ def block_logits(
     def last_map(t, c, bg):
         return lax.div(bg, groups), t
 
+    def len_map(t, c, bg):
+        return (lax.div(bg, groups),)
+
     def out_map(t, c, bg):
         return lax.div(bg, groups), lax.rem(bg, groups), t, c
 
@@ -406,6 +421,7 @@ def block_logits(
             pl.BlockSpec((None, tile_q, None, rank_pad), q_map),
             pl.BlockSpec((None, kv_len, None, rank_pad), k_map),
             pl.BlockSpec((None, tile_q), last_map),
+            pl.BlockSpec((None,), len_map),
         ],
         out_specs=pl.BlockSpec((None, None, tile_q, chunk_blocks), out_map),
         out_shape=jax.ShapeDtypeStruct((batch, groups, nq, nk), jnp.float32),
@@ -415,7 +431,7 @@ def block_logits(
         ),
         interpret=interpret,
         name="indexer_block_logits",
-    )(q, ki, last)
+    )(q, ki, last.astype(jnp.int32), lengths.astype(jnp.int32))
 
 
 def default_chunk_blocks(tiles: int, nk: int) -> int:
@@ -535,19 +551,23 @@ def _compaction(selected: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.
     return slots, jnp.where(selected, j, last_index[:, None])
 
 
-def _select_kernel(l_ref, last_ref, idx_ref, cnt_ref, *, tile_rows: int, num_rows: int, nk: int,
-                   nk_pad: int, max_sel: int, rule: dict):
+def _select_kernel(l_ref, last_ref, idx_ref, cnt_ref, *, tile_rows: int, num_rows: int,
+                   rows_per_batch: int, nq: int, nk: int, nk_pad: int, max_sel: int, rule: dict):
     """One program: the selection of tile_rows rows.
 
-    l_ref: [tile_rows, nk] float32 logits; last_ref: [tile_rows] int32 last candidate block;
-    idx_ref: [tile_rows, max_sel] int32; cnt_ref: [tile_rows] int32.
+    l_ref: [tile_rows, nk] float32 logits; last_ref: [batch * nq] int32 last candidate block of
+    every (batch row, query block), which its groups share; idx_ref: [tile_rows, max_sel]
+    int32; cnt_ref: [tile_rows] int32.
     """
     rows = pl.program_id(0) * tile_rows + lax.iota(jnp.int32, tile_rows)
     row_ok = rows < num_rows
     cols = lax.iota(jnp.int32, nk_pad)
     logits = plgpu.load(l_ref.at[:, pl.ds(0, nk_pad)],
                         mask=row_ok[:, None] & (cols < nk)[None, :], other=NEG_INF)
-    last = plgpu.load(last_ref, mask=row_ok, other=-1)
+    # Flat row (b * groups + g) * nq + t reads entry b * nq + t: a gather here instead of
+    # broadcasting last_block over the groups in XLA first (one launch fewer).
+    batch_row = lax.div(rows, rows_per_batch)
+    last = plgpu.load(last_ref.at[batch_row * nq + lax.rem(rows, nq)], mask=row_ok, other=-1)
     selected, counts = _selection_mask(logits, last, **rule)
     slots, values = _compaction(selected, counts)
     local = jnp.broadcast_to(lax.iota(jnp.int32, tile_rows)[:, None], slots.shape)
@@ -605,7 +625,7 @@ def select_blocks(
     """
     b, g, nq, nk = logits.shape
     max_sel = max_selected(nk, max_blocks, top_k, sink_blocks + local_blocks, min_blocks)
-    flat, last = _flat_rows(logits, last_block)
+    flat = logits.reshape(-1, nk).astype(jnp.float32)
     num_rows = flat.shape[0]
     nk_pad = pl.next_power_of_2(nk)
     if tile_rows is None:
@@ -615,13 +635,14 @@ def select_blocks(
     num_warps = default_select_warps(tile_rows * nk_pad) if num_warps is None else num_warps
     rule = dict(top_p=top_p, sink_blocks=sink_blocks, local_blocks=local_blocks,
                 min_blocks=min_blocks, max_blocks=max_blocks, top_k=top_k)
-    kernel = functools.partial(_select_kernel, tile_rows=tile_rows, num_rows=num_rows, nk=nk,
-                               nk_pad=nk_pad, max_sel=max_sel, rule=rule)
+    kernel = functools.partial(_select_kernel, tile_rows=tile_rows, num_rows=num_rows,
+                               rows_per_batch=g * nq, nq=nq, nk=nk, nk_pad=nk_pad,
+                               max_sel=max_sel, rule=rule)
     indices, counts = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(num_rows, tile_rows),),
         in_specs=[pl.BlockSpec((tile_rows, nk), lambda i: (i, 0)),
-                  pl.BlockSpec((tile_rows,), lambda i: (i,))],
+                  pl.BlockSpec((b * nq,), lambda i: (0,))],
         out_specs=[pl.BlockSpec((tile_rows, max_sel), lambda i: (i, 0)),
                    pl.BlockSpec((tile_rows,), lambda i: (i,))],
         out_shape=[jax.ShapeDtypeStruct((num_rows, max_sel), jnp.int32),
@@ -629,7 +650,7 @@ def select_blocks(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="indexer_select_blocks",
-    )(flat, last)
+    )(flat, last_block.reshape(-1).astype(jnp.int32))
     return indices.reshape(b, g, nq, max_sel), counts.reshape(b, g, nq)
 
 

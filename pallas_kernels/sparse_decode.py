@@ -11,6 +11,10 @@ Shapes (batch = B, num_heads = H, num_kv_heads = K, G = H // K):
   lengths:          [B] int32, valid keys per row, the new token included (<= max_len)
 The query attends to the keys of its listed blocks with position < lengths[b]; with no such key
 the output is exactly 0.
+
+With one split per list the kernel writes the normalised output itself, in one launch; with
+several, it writes per-split partials ([B, splits, H, ...], the real heads only) that one XLA
+reduction merges (`_merge_splits`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ PROGRAMS_PER_SM = 2
 # Fewest listed blocks a split should get: below this the partial-result traffic and the merge
 # cost more than the parallelism gains.
 MIN_BLOCKS_PER_SPLIT = 4
+# Most blocks a split walks when its list is full. A program reads its blocks one after
+# another, so a long walk is latency no other program hides: on an H100 at 128K (lists ~8%
+# full, block_k 64) batch 16 ran 491 us with the 3 splits PROGRAMS_PER_SM alone gives, 288-301
+# us with 16-32 (benchmarks/NOTES.md).
+MAX_BLOCKS_PER_SPLIT = 64
 # Launch parameters: on an H100 (head_dim 128, block_k 64) 8 warps or 3-4 stages measured
 # within the run-to-run spread (5-10%) of these; see benchmarks/NOTES.md.
 DEFAULT_NUM_WARPS = 4
@@ -113,15 +122,28 @@ def sparse_decode_reference(
     return o.reshape(batch, num_heads, head_dim).astype(q.dtype)
 
 
+def _store_rows(ref, head_rows: pl.Slice, value: jax.Array, group: int) -> None:
+    """Writes the first `group` of value's rows ([rows, ...]) at head_rows of ref; the padding
+    rows past them belong to the next KV head's programs (or lie past the last head)."""
+    rows = value.shape[0]
+    if rows == group:
+        ref[head_rows, ...] = value
+        return
+    mask = lax.iota(jnp.int32, rows) < group
+    mask = mask.reshape((rows,) + (1,) * (value.ndim - 1))
+    plgpu.store(ref.at[head_rows, ...], value, mask=mask)
+
+
 def _decode_kernel(
-    q_ref, k_ref, v_ref, idx_ref, count_ref, len_ref, acc_ref, m_ref, sum_ref, *,
+    q_ref, k_ref, v_ref, idx_ref, count_ref, len_ref, *out_refs,
     group: int, rows: int, num_splits: int, block_k: int, max_sel: int, qk_scale: float,
     precision,
 ):
     """One program: the G heads of one KV head (padded to `rows`), one split of its list.
 
-    q_ref: [H, D]; k_ref, v_ref: [max_len, D]; idx_ref: [max_sel]; count_ref, len_ref: scalars;
-    acc_ref: [rows, D] f32; m_ref, sum_ref: [rows] f32 (partial results in the exp2 domain).
+    q_ref: [H, D]; k_ref, v_ref: [max_len, D]; idx_ref: [max_sel]; count_ref, len_ref: scalars.
+    out_refs: one split, (o_ref [H, D] in q's dtype,); several, this split's partials (acc_ref
+    [H, D], m_ref [H], sum_ref [H], float32, in the exp2 domain). A program writes its G rows.
     """
     split = pl.program_id(0)
     # The group's G query rows, padded with zero rows up to the smallest dot; loaded first so
@@ -172,9 +194,18 @@ def _decode_kernel(
         block_id(begin),
     )
     acc, m, row_sum, _ = lax.fori_loop(begin, end, body, init)
-    acc_ref[...] = acc
-    m_ref[...] = m
-    sum_ref[...] = row_sum
+    if num_splits == 1:
+        # The whole list was this program's: normalise here, and no merge runs. A row with no
+        # visible key has row_sum == 0 and gets exactly 0.
+        (o_ref,) = out_refs
+        o = jnp.where(row_sum[:, None] > 0, acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None],
+                      0.0)
+        _store_rows(o_ref, head_rows, o.astype(o_ref.dtype), group)
+        return
+    acc_ref, m_ref, sum_ref = out_refs
+    _store_rows(acc_ref, head_rows, acc, group)
+    _store_rows(m_ref, head_rows, m, group)
+    _store_rows(sum_ref, head_rows, row_sum, group)
 
 
 def sm_count() -> int | None:
@@ -183,30 +214,45 @@ def sm_count() -> int | None:
     return getattr(jax.devices()[0], "core_count", None)
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_sel: int,
-                       sms: int | None = None) -> int:
-    """Splits of each block list so that batch * num_kv_heads * splits fills the GPU's sms
-    (default: the device's). On a device that reports no SMs (interpret mode) the lists split
-    as far as MIN_BLOCKS_PER_SPLIT allows."""
+def default_num_splits(batch: int, num_kv_heads: int, max_sel: int, sms: int | None = None,
+                       *, max_walk: int | None = MAX_BLOCKS_PER_SPLIT) -> int:
+    """Splits of each block list: enough that batch * num_kv_heads * splits fills the GPU's sms
+    (default: the device's) and that no split of a full list walks more than max_walk blocks
+    (None: no such bound, the SM fill alone), but at most as many as leave every split
+    MIN_BLOCKS_PER_SPLIT blocks. One split, with no merge, needs both: enough rows to fill the
+    GPU and short lists. On a device that reports no SMs (interpret mode) the lists split as
+    far as MIN_BLOCKS_PER_SPLIT allows."""
     most = max(1, pl.cdiv(max_sel, MIN_BLOCKS_PER_SPLIT))
     sms = sm_count() if sms is None else sms
     if not sms:
         return most
     wanted = pl.cdiv(sms * PROGRAMS_PER_SM, batch * num_kv_heads)
+    if max_walk is not None:
+        wanted = max(wanted, pl.cdiv(max_sel, max_walk))
     return max(1, min(wanted, most))
 
 
-def _merge_splits(acc, m, row_sum):
-    """Log-sum-exp merge of split partials (exp2 domain).
+def _merge_splits(acc: jax.Array, m: jax.Array, row_sum: jax.Array) -> jax.Array:
+    """Log-sum-exp merge of split partials (exp2 domain), as one XLA reduction.
 
-    acc: [..., splits, Gp, D]; m, row_sum: [..., splits, Gp] -> [..., Gp, D].
+    acc: [B, splits, H, D]; m, row_sum: [B, splits, H] -> [B, H, D] float32.
+    The reduction carries (max, sum, acc) and rescales both sides to their common max, the
+    online softmax's own step: one pass over the partials, where a max first and the sums
+    after take separate passes (separate launches on a GPU).
     """
-    m_max = jnp.max(m, axis=-2, keepdims=True)
-    # Empty splits have m == MASK_VALUE: weight 0, or row_sum == 0 when every split is empty.
-    w = jnp.exp2(m - m_max)
-    l_tot = jnp.sum(w * row_sum, axis=-2)
-    o = jnp.sum(w[..., None] * acc, axis=-3)
-    return jnp.where(l_tot[..., None] > 0, o / jnp.where(l_tot > 0, l_tot, 1.0)[..., None], 0.0)
+    def combine(a, b):
+        (m_a, l_a, o_a), (m_b, l_b, o_b) = a, b
+        m_ab = jnp.maximum(m_a, m_b)
+        # Empty splits carry m == MASK_VALUE (finite): their weight is 0, or 1 against another
+        # empty split, whose sums are 0 too.
+        w_a, w_b = jnp.exp2(m_a - m_ab), jnp.exp2(m_b - m_ab)
+        return m_ab, w_a * l_a + w_b * l_b, w_a * o_a + w_b * o_b
+
+    shape = acc.shape
+    _, l_tot, o = lax.reduce(
+        (jnp.broadcast_to(m[..., None], shape), jnp.broadcast_to(row_sum[..., None], shape), acc),
+        (jnp.float32(MASK_VALUE), jnp.float32(0), jnp.float32(0)), combine, (1,))
+    return jnp.where(l_tot > 0, o / jnp.where(l_tot > 0, l_tot, 1.0), 0.0)
 
 
 @functools.partial(
@@ -238,7 +284,7 @@ def sparse_decode(
       block_k: key positions per block (power of 2, >= 16).
       sm_scale: softmax scale; defaults to 1 / sqrt(head_dim).
       num_splits: programs per (row, KV head), each taking an equal share of the list;
-        defaults to default_num_splits.
+        defaults to default_num_splits. With 1 the kernel writes the output and no merge runs.
       interpret: run the kernel in Pallas interpret mode (CPU tests).
       num_warps, num_stages: Triton launch parameters.
 
@@ -265,8 +311,24 @@ def sparse_decode(
         max_sel=max_sel, qk_scale=scale * LOG2_E, precision=precision,
     )
     kv_spec = pl.BlockSpec((None, max_len, None, head_dim), lambda s, g, b: (b, 0, g, 0))
-    part_shape = (batch, num_kv_heads, num_splits, rows)
-    acc, m, row_sum = pl.pallas_call(
+    # Every output block holds all H heads of a row (and split): the K programs of the row
+    # write disjoint rows of it, so outputs need no slicing or reshaping afterwards.
+    if num_splits == 1:
+        out_specs = [pl.BlockSpec((None, num_heads, head_dim), lambda s, g, b: (b, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    else:
+        part_shape = (batch, num_splits, num_heads)
+        out_specs = [
+            pl.BlockSpec((None, None, num_heads, head_dim), lambda s, g, b: (b, s, 0, 0)),
+            pl.BlockSpec((None, None, num_heads), lambda s, g, b: (b, s, 0)),
+            pl.BlockSpec((None, None, num_heads), lambda s, g, b: (b, s, 0)),
+        ]
+        out_shape = [
+            jax.ShapeDtypeStruct((*part_shape, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct(part_shape, jnp.float32),
+            jax.ShapeDtypeStruct(part_shape, jnp.float32),
+        ]
+    outs = pl.pallas_call(
         kernel,
         grid=(num_splits, num_kv_heads, batch),
         in_specs=[
@@ -277,16 +339,8 @@ def sparse_decode(
             pl.BlockSpec((None, None), lambda s, g, b: (b, g)),
             pl.BlockSpec((None,), lambda s, g, b: (b,)),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, rows, head_dim), lambda s, g, b: (b, g, s, 0, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda s, g, b: (b, g, s, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda s, g, b: (b, g, s, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((*part_shape, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct(part_shape, jnp.float32),
-            jax.ShapeDtypeStruct(part_shape, jnp.float32),
-        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(
             num_warps=DEFAULT_NUM_WARPS if num_warps is None else num_warps,
             num_stages=DEFAULT_NUM_STAGES if num_stages is None else num_stages,
@@ -295,5 +349,6 @@ def sparse_decode(
         name="sparse_decode",
     )(q, k_cache, v_cache, block_indices.astype(jnp.int32), block_counts.astype(jnp.int32),
       lengths.astype(jnp.int32))
-    out = _merge_splits(acc, m, row_sum)[:, :, :group]  # [B, K, G, D]
-    return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
+    if num_splits == 1:
+        return outs[0]
+    return _merge_splits(*outs).astype(q.dtype)

@@ -17,7 +17,7 @@ SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))
 
 def test_every_benchmark_is_covered():
     assert SCRIPTS == ["bench_generate.py", "bench_kernels.py", "bench_layer.py", "bench_local.py",
-                       "bench_model.py", "kv_bytes.py"]
+                       "bench_model.py", "bench_paper_layer.py", "kv_bytes.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -138,5 +138,7 @@ def test_decode_split_heuristic_reads_the_gpu():
 
     sms = sparse_decode.sm_count()
     assert sms is not None and sms >= 1
+    fill = -(-sms * sparse_decode.PROGRAMS_PER_SM // 8)
+    walk = 4096 // sparse_decode.MAX_BLOCKS_PER_SPLIT
     assert sparse_decode.default_num_splits(1, 8, 4096) == min(
-        -(-sms * sparse_decode.PROGRAMS_PER_SM // 8), 4096 // sparse_decode.MIN_BLOCKS_PER_SPLIT)
+        max(fill, walk), 4096 // sparse_decode.MIN_BLOCKS_PER_SPLIT)

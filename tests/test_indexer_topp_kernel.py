@@ -171,6 +171,36 @@ def test_selection_matches_reference(rule, tied):
         np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(ref[0]))
 
 
+def test_selection_tiles_of_several_rows():
+    """Tiles of several rows, the last one partial, span batch rows and query blocks: each row
+    reads its own (batch row, query block) last block."""
+    batch, groups, nq, nk = 3, 2, 5, 23
+    logits = _random_logits(3, (batch, groups, nq, nk), tied=False)
+    last_block = _random_last_block(4, batch, nq, nk)
+    kw = dict(top_p=0.9, sink_blocks=SINK, local_blocks=LOCAL)
+    ref = select_blocks_reference(logits, last_block, **kw)
+    out = select_blocks(logits, last_block, interpret=True, tile_rows=8, **kw)
+    np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(ref[1]))
+    np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(ref[0]))
+
+
+def test_single_query_row_extent_and_pooling():
+    """One query row (decode) takes no reduction; its block holds that row when the row is
+    before the length (pooled = the row, last = its position) and nothing otherwise (pooled 0,
+    even from a NaN row, last -1)."""
+    q_start = jnp.asarray([5, 0, 9, 3], jnp.int32)
+    lengths = jnp.asarray([6, 1, 9, 2], jnp.int32)  # rows 2 and 3 are past their length
+    qi = np.random.default_rng(0).normal(size=(4, 1, 3, 8)).astype(np.float32)
+    qi[2] = np.nan
+    valid, last = query_block_extent(q_start, lengths, 1, 16)
+    np.testing.assert_array_equal(np.asarray(last), [[5], [0], [-1], [-1]])
+    pooled = np.asarray(pool_queries(jnp.asarray(qi, jnp.bfloat16), valid))
+    assert pooled.dtype == np.float32
+    expected = np.asarray(jnp.asarray(qi, jnp.bfloat16), np.float32)
+    np.testing.assert_array_equal(pooled[:2], expected[:2])
+    np.testing.assert_array_equal(pooled[2:], 0.0)
+
+
 def test_ties_at_the_threshold_resolve_by_block_index():
     """The tied case really splits tie groups at the threshold, and the kernel splits them as the
     reference does (lowest block indices first)."""

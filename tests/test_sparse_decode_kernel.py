@@ -112,6 +112,12 @@ KERNEL_CASES = [
     Case(12, (300, 129), 300, 8, 1, 64, 128, jnp.float32, None),
     # G = 3 (padded up to the smallest dot), more splits than some lists have blocks.
     Case(13, (192, 70, 150), 192, 6, 2, 64, 64, jnp.bfloat16, 4),
+    # One split (the kernel writes the output, no merge): G = 3 padded, 4 KV heads whose padded
+    # rows overlap the next head's, ragged lengths with a one-token row, bf16.
+    Case(14, (130, 1, 64, 97), 160, 12, 4, 32, 16, jnp.bfloat16, 1),
+    # G = 16 fills the score tile (no padded rows to mask), one split and several.
+    Case(15, (100, 64), 128, 32, 2, 32, 16, jnp.float32, 1),
+    Case(16, (100, 64), 128, 32, 2, 32, 16, jnp.bfloat16, 5),
 ]
 
 
@@ -136,14 +142,46 @@ def test_kernel_matches_reference(case):
     assert np.all(out32[empty] == 0)
 
 
+def test_one_split_runs_the_kernel_alone():
+    """With one split the kernel's output is the result: no merge (or any other op) follows."""
+    case = KERNEL_CASES[4]
+    args = make_inputs(case)
+    jaxpr = jax.make_jaxpr(lambda *a: sparse_decode(
+        *a, block_k=case.block_k, num_splits=1, interpret=True))(*args)
+    (call,) = jaxpr.eqns  # the jitted sparse_decode
+    assert [e.primitive.name for e in call.params["jaxpr"].eqns] == ["pallas_call"]
+
+
+@pytest.mark.parametrize("num_splits", [1, 8])
+def test_lowers_to_triton(num_splits):
+    """Both output paths lower for a CUDA GPU without one (the Pallas -> Triton IR step runs on
+    the CPU): 128K, batch 1, 7 KV heads of 4 query heads, bf16."""
+    spec = jax.ShapeDtypeStruct
+    cache = spec((1, 131072, 7, 128), jnp.bfloat16)
+    text = jax.jit(lambda *a: sparse_decode(*a, block_k=64, num_splits=num_splits)).trace(
+        spec((1, 28, 128), jnp.bfloat16), cache, cache, spec((1, 7, 2048), jnp.int32),
+        spec((1, 7), jnp.int32), spec((1,), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
+
+
 def test_default_splits_follow_the_sm_count():
-    """More SMs or fewer rows -> more splits, never past MIN_BLOCKS_PER_SPLIT blocks a split;
-    a device that reports no SMs splits as far as that floor allows."""
-    from pallas_kernels.sparse_decode import MIN_BLOCKS_PER_SPLIT, default_num_splits
+    """More SMs or fewer rows -> more splits, never past MIN_BLOCKS_PER_SPLIT blocks a split and
+    never fewer than keep a full list's walk within MAX_BLOCKS_PER_SPLIT blocks; a device that
+    reports no SMs splits as far as MIN_BLOCKS_PER_SPLIT allows."""
+    from pallas_kernels.sparse_decode import (
+        MAX_BLOCKS_PER_SPLIT,
+        MIN_BLOCKS_PER_SPLIT,
+        default_num_splits,
+    )
 
     most = 256 // MIN_BLOCKS_PER_SPLIT
     assert default_num_splits(1, 8, 256, sms=132) == min(-(-264 // 8), most)
-    assert default_num_splits(16, 8, 256, sms=132) == 3
+    assert default_num_splits(16, 8, 256, sms=132) == 256 // MAX_BLOCKS_PER_SPLIT
+    assert default_num_splits(16, 8, 256, sms=132, max_walk=None) == 3  # the SM fill alone
+    assert default_num_splits(16, 7, 2048, sms=132) == 2048 // MAX_BLOCKS_PER_SPLIT
     assert default_num_splits(1, 8, 256, sms=16) == 4
     assert default_num_splits(1, 1, 2, sms=132) == 1
     assert default_num_splits(1, 8, 256, sms=0) == most
+    # Rows enough to fill every SM and short lists: one split, so no merge.
+    assert default_num_splits(64, 8, MAX_BLOCKS_PER_SPLIT, sms=132) == 1
