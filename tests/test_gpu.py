@@ -1,4 +1,5 @@
-"""GPU checks at real sizes (skipped without a GPU): `pytest -m gpu tests/test_gpu.py`.
+"""GPU checks at real sizes (skipped without a GPU): `JAX_PLATFORMS=cuda pytest -m gpu
+tests/test_gpu.py` (the suite's conftest picks the CPU unless JAX_PLATFORMS is set).
 
 The fast paths (cuDNN for dense heads, the Pallas kernels for sparse ones, bf16) against the
 reference path, on a model with the default model's attention shapes; and a short conversion.
@@ -18,7 +19,8 @@ from rtpurbo_jax.indexer import init_indexer
 from rtpurbo_jax.model import init_params
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
+              pytest.mark.skipif(jax.default_backend() != "gpu",
+                                 reason="needs a GPU: set JAX_PLATFORMS=cuda")]
 
 # The default model's attention (9 query / 3 KV heads of 64) in a 3-layer model.
 CONFIG = ModelConfig(family="llama", vocab_size=512, hidden_size=576, intermediate_size=1536,
