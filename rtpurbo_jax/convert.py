@@ -340,7 +340,8 @@ def run_distill(config: Any, model: SparseModel, sparse: SparseConfig, indexer: 
     partial, final = run_dir / "model.partial", run_dir / "model"
     shutil.rmtree(partial, ignore_errors=True)
     export_model(partial, params, model.config, model.tokenizer, sparse=sparse,
-                 indexer=indexer, origin=origin, dtype=distill.export_dtype)
+                 indexer=indexer, origin=origin, dtype=distill.export_dtype,
+                 name=final.name)
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     return {"steps": distill.steps, "first_loss": losses[0], "final_loss": losses[-1],

@@ -149,6 +149,7 @@ def export_model(
     indexer: dict[str, Any] | None = None,
     origin: dict[str, Any],
     dtype: str = "bfloat16",
+    name: str | None = None,
 ) -> Path:
     """Writes the model into the new (or empty) directory `path`; returns it.
 
@@ -160,6 +161,8 @@ def export_model(
     sparse checkpoint's base is these weights, derived from origin["base"], so `load(path)`
     attaches it and `load(<original base>, sparse=path)` is refused.
     dtype: "bfloat16" or "float32", of the weights in model.safetensors.
+    name: what the sparse checkpoint calls these weights (default: the directory's name; a
+    caller that writes aside and renames passes the final one).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -188,7 +191,7 @@ def export_model(
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     if sparse is not None:
-        export_safetensors(path, sparse, indexer, path.absolute().name, fingerprint,
+        export_safetensors(path, sparse, indexer, name or path.absolute().name, fingerprint,
                            derived_from=base)
     record = {"format": FORMAT, "design": None if sparse is None else sparse.design, **origin,
               "weights": {"fingerprint": fingerprint, "dtype": dtype}}

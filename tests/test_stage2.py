@@ -248,6 +248,9 @@ def test_both_stages_end_to_end(tmp_path):
     assert origin["steps"] == {"indexer": 2, "distill": 2}
     base = load_from_config(config.model)
     assert origin["base"]["fingerprint"] == base.fingerprint
+    # Exported aside and renamed: the sparse checkpoint names the final directory.
+    sparse_meta = json.loads((tmp_path / "run" / "model" / "sparse.json").read_text())
+    assert sparse_meta["base"]["name"] == "model"
     # The evaluation runs mode full on the original weights, the sparse modes on stage 2's.
     from rtpurbo_jax import evaluation as ev_lib
 
