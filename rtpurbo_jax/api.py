@@ -253,6 +253,9 @@ def load(
     return model.with_sparse(sparse_config, indexer)
 
 
+# The name of a model built with random weights (source "random"): it has no tokenizer.
+RANDOM_NAME = "random"
+
 # ModelConfig fields that a config file's `model.arch` pins down, checked against the checkpoint.
 _ARCH_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
                 "num_heads", "num_kv_heads", "head_dim", "rope_theta", "max_position_embeddings",
@@ -266,7 +269,7 @@ def load_from_config(model_config: Any, *, backend: str = "auto") -> SparseModel
     random weights of shape `arch`), dtype, arch (Hugging Face config keys), seed (for "random").
     A checkpoint whose architecture differs from `arch` is refused, naming the fields.
     """
-    arch = ModelConfig.from_hf(dict(model_config.arch), name="random")
+    arch = ModelConfig.from_hf(dict(model_config.arch), name=RANDOM_NAME)
     dtype = jnp.dtype(model_config.dtype)
     if model_config.source == "random":
         params = init_params(arch, jax.random.key(model_config.get("seed", 0)), dtype)

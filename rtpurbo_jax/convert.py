@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rtpurbo_jax.api import SparseModel
+from rtpurbo_jax.api import RANDOM_NAME, SparseModel
 from rtpurbo_jax.config import ConfigError, SparseConfig
 from rtpurbo_jax.data import corpus_tokens
 from rtpurbo_jax.heads import (
@@ -133,13 +133,17 @@ def indexer_quality(model: SparseModel, sparse: SparseConfig, indexer: dict[str,
 
 
 def task_tokenizer(model: SparseModel) -> Any:
-    """The model's tokenizer, or bytes for a tokenizer-less model with a 256-token vocabulary."""
+    """The model's tokenizer, or bytes for a tokenizer-less model with a 256-token vocabulary
+    or random weights (`load_from_config`'s "random" source: token meanings are arbitrary, so
+    the first 256 ids of a larger vocabulary serve, e.g. llama_1m's shapes at random)."""
     if model.tokenizer is not None:
         return model.tokenizer
-    if model.config.vocab_size == ByteTokenizer.vocab_size:
+    vocab = model.config.vocab_size
+    if vocab == ByteTokenizer.vocab_size or (model.config.name == RANDOM_NAME
+                                             and vocab > ByteTokenizer.vocab_size):
         return ByteTokenizer()
-    raise ValueError(f"{model.config.name} has no tokenizer, and its vocabulary "
-                     f"({model.config.vocab_size}) is not bytes")
+    raise ValueError(f"{model.config.name} has no tokenizer, and its vocabulary ({vocab}) is "
+                     "not bytes: load it with its tokenizer")
 
 
 def read_mask(path: Path) -> tuple[tuple[bool, ...], ...]:
