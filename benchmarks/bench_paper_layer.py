@@ -52,10 +52,10 @@ Checks at --check-length (prefill batch 1, decode batch CHECK_DECODE_BATCH): the
 through the kernels vs the library's jnp reference (backend "reference"), and FA2 vs JAX's
 dense attention. Timing as bench_layer: medians of TIMED_RUNS (LONG_TIMED_RUNS from LONG_PREFILL
 tokens) after warm-ups, on the wall clock up to block_until_ready / torch.cuda.synchronize;
-decode regions chain DECODE_CALLS steps over up to MAX_DECODE_LAYERS caches, so one step's
-blocks are out of L2 by the next. Results: OUT_DIR/paper_layer_<device>_<lengths>.json with the
-device, jax and torch versions and the commit ($COMMIT, else HEAD), rewritten after every row;
-a table prints last.
+a decode region scans DECODE_CALLS steps over up to MAX_DECODE_LAYERS caches carried in place
+(as `generate`'s loop carries its cache), so one step's blocks are out of L2 by the next.
+Results: OUT_DIR/paper_layer_<device>_<lengths>.json with the device, jax and torch versions
+and the commit ($COMMIT, else HEAD), rewritten after every row; a table prints last.
 """
 
 from __future__ import annotations
@@ -259,26 +259,37 @@ def decode_inputs(layer: Layer, design: str, seed: int, batch: int, length: int,
 
 def time_decode(step: Callable, tokens: list[QKV], caches: list[dict[str, jax.Array]],
                 lengths: jax.Array, runs: int) -> tuple[float, list]:
-    """(ms per step, the last region's [(out, stats)]) of step(token c, cache c % len(caches),
-    lengths) for every token, in one jitted region. The caches are donated, as in the model's
-    decode, so each write lands in place: the arrays passed in are consumed."""
-    def chain(caches, tokens):
+    """(ms per step, the last region's [(out, stats)] per token) of step(token c, cache
+    c % len(caches), lengths) for every token, in one jitted region: a scan over rounds, each
+    stepping every cache once, the caches carried and donated as `generate`'s decode loop
+    carries its cache, so each write lands in place (the arrays passed in are consumed).
+    An unrolled chain that wrote one donated cache several times made XLA copy it at batch 1
+    (a 128K dense step took 0.63 ms there against 0.24 ms for the attention alone)."""
+    n = len(caches)
+    if len(tokens) % n:
+        raise ValueError(f"{len(tokens)} tokens do not make whole rounds over {n} caches")
+    # [rounds, n, ...] per field: token c = round c // n, cache c % n.
+    rounds = jax.tree.map(lambda *x: jnp.stack(x).reshape(-1, n, *x[0].shape), *tokens)
+
+    def one_round(caches, round_tokens):
         caches, outs = list(caches), []
-        for c, token in enumerate(tokens):
-            i = c % len(caches)
+        for i in range(n):
+            token = jax.tree.map(lambda x, i=i: x[i], round_tokens)
             out, caches[i], stats = step(token, caches[i], lengths)
             outs.append((out, stats))
-        return outs, caches
+        return tuple(caches), outs
 
-    jitted = jax.jit(chain, donate_argnums=0)
-    state = {"caches": caches}
-    outputs: list = []
+    jitted = jax.jit(lambda caches, rounds: jax.lax.scan(one_round, caches, rounds),
+                     donate_argnums=0)
+    state: dict[str, Any] = {"caches": tuple(caches)}
 
     def run():
-        outs, state["caches"] = jitted(state["caches"], tokens)
-        outputs[:] = jax.block_until_ready(outs)
+        state["caches"], state["outs"] = jax.block_until_ready(jitted(state["caches"], rounds))
 
-    return median_ms(run, runs, len(tokens)), outputs
+    ms = median_ms(run, runs, len(tokens))
+    outs = state["outs"]
+    return ms, [jax.tree.map(lambda x, r=r: x[r], outs[i])
+                for r in range(len(tokens) // n) for i in range(n)]
 
 
 def program_bytes(fn: Callable, *args: Any, donate_argnums: tuple[int, ...] = ()) -> int | None:
@@ -564,9 +575,11 @@ def decode_rows(run: Run, length: int, batch: int) -> None:
 
     def inputs(design: str, seed: int) -> tuple[list[dict[str, jax.Array]], list[QKV]]:
         """As many caches as bench_layer's budget takes (at most MAX_DECODE_LAYERS)."""
-        count = bl.DECODE_CACHE_BUDGET // layer.kv_bytes(design, batch, length)
-        return decode_inputs(layer, design, seed, batch, length,
-                             int(max(1, min(bl.MAX_DECODE_LAYERS, count))), bl.DECODE_CALLS)
+        fit = int(max(1, min(bl.MAX_DECODE_LAYERS,
+                             bl.DECODE_CACHE_BUDGET // layer.kv_bytes(design, batch, length))))
+        # Whole rounds: every cache takes the same number of the timed steps.
+        count = max(c for c in range(1, fit + 1) if bl.DECODE_CALLS % c == 0)
+        return decode_inputs(layer, design, seed, batch, length, count, bl.DECODE_CALLS)
 
     def timed(design: str, caches: list[dict[str, jax.Array]], tokens: list[QKV]
               ) -> tuple[dict[str, Any], list]:
