@@ -228,8 +228,7 @@ def load(
     compilation_cache: turn on JAX's persistent compilation cache in <cache dir>/xla unless the
     program set one (`compiles.use_compilation_cache`): a new process then loads what an earlier
     one compiled for the same shapes instead of compiling it again. Off by default: it is a
-    process-wide JAX setting (with it on, a later interpret-mode Pallas compile in the same
-    process aborted while being written to the cache, on CPU).
+    process-wide JAX setting.
     """
     check_backend(backend)
     if compilation_cache:

@@ -9,6 +9,18 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops every compiled program after each test module. Each XLA:CPU executable holds a
+    few memory mappings (its LLVM JIT sections) while JAX's caches keep it: the whole suite in
+    one process passed Linux's vm.max_map_count (65530 mappings), where the next compile failed
+    (LLVM "Cannot allocate memory", then an abort or a segfault)."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """The embedded default model (SmolLM2-135M-Instruct), float32, loaded once per session."""

@@ -22,11 +22,6 @@ from pallas_kernels.tpu_sparse_decode import sparse_decode_tpu
 from tests import test_sparse_decode_kernel as decode_tests
 from tests.test_sparse_attention_kernel import Case, assert_close, dense_mask, make_inputs
 
-# Slow-marked for now (run with `pytest -m slow -k "tpu or mosaic"`): after these TPU
-# interpret-mode tests, XLA's CPU compiler crashed later in the same full-suite process (three
-# runs: an abort, then segfaults in the next tests), which is not understood yet.
-pytestmark = pytest.mark.slow
-
 # Jitted: one compile instead of dozens of eager op compiles per shape keeps the file fast.
 prefill_reference = jax.jit(
     sparse_attention_reference,

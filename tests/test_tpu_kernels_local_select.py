@@ -31,11 +31,6 @@ from pallas_kernels.tpu_local_attention import _block_span, _slot_block, local_a
 from tests import test_indexer_topp_kernel as indexer_tests
 from tests import test_local_attention as local_tests
 
-# Slow-marked for now (run with `pytest -m slow -k "tpu or mosaic"`): after these TPU
-# interpret-mode tests, XLA's CPU compiler crashed later in the same full-suite process (three
-# runs: an abort, then segfaults in the next tests), which is not understood yet.
-pytestmark = pytest.mark.slow
-
 
 def _lowers_to_mosaic(fn, *shapes) -> bool:
     """Lowers fn for a TPU without one: Pallas -> Mosaic IR (verified) runs on the CPU."""

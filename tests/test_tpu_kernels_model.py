@@ -1,11 +1,7 @@
 """The whole sparse model through the Mosaic (TPU) kernels, forced with backend="mosaic" and
 interpreted on the CPU, equals the jnp reference path: prompt logits and greedy generation, in
 both designs, with ragged rows and GQA (2 query heads per KV head). Shapes follow TPU tiling:
-head_dim 64 and 128-key blocks.
-
-Marked slow: run alone (`pytest -m slow tests/test_tpu_kernels_model.py`, ~40 s) these pass;
-inside the whole CPU suite's process, XLA's CPU compiler crashed compiling the Mosaic model's
-generate (an abort, then a segfault, in two runs), which is not understood yet."""
+head_dim 64 and 128-key blocks."""
 
 from __future__ import annotations
 
@@ -53,7 +49,6 @@ def _err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("design", list(DESIGNS))
 def test_tpu_kernels_in_the_model_match_reference(design):
     ref, mosaic = _models(design)
