@@ -1,4 +1,4 @@
-"""GPU checks at real sizes (skipped without a GPU): `JAX_PLATFORMS=cuda pytest -m gpu
+"""GPU checks at real sizes (skipped without a GPU): `JAX_PLATFORMS=cuda pytest -m gpu -n 0
 tests/test_gpu.py` (the suite's conftest picks the CPU unless JAX_PLATFORMS is set).
 
 The fast paths (cuDNN for dense heads, the Pallas kernels for sparse ones, bf16) against the
