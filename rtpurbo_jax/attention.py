@@ -103,6 +103,25 @@ def _zero_stats() -> jax.Array:
     return jnp.zeros((2,), jnp.float32)
 
 
+def positional_parts(k: jax.Array, v: jax.Array, layer: int, config: ModelConfig,
+                     sparse: SparseConfig | None, layer_indexer: dict[str, jax.Array]
+                     ) -> dict[str, jax.Array]:
+    """The cache parts {k, v, ks, vs, ki} (`cache.layer_part_shapes`, all indexed by position) of
+    some positions' keys and values, k, v: [b, seq, kv_heads, d], in the indexer design or a
+    dense model."""
+    dense, sparse_groups = layer_groups(config, sparse, layer)
+    parts = {}
+    if dense:
+        kv = np.array(dense, np.int32)
+        parts.update(k=take_heads(k, kv), v=take_heads(v, kv))
+    if sparse_groups:
+        kv = np.array(sparse_groups, np.int32)
+        parts.update(ks=take_heads(k, kv), vs=take_heads(v, kv))
+        if sparse.scorer == "indexer":
+            parts["ki"] = indexer_keys(parts["ks"], layer_indexer["wk"])
+    return parts
+
+
 def layer_prefill(
     q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, layer: int,
     config: ModelConfig, sparse: SparseConfig | None, layer_indexer: dict[str, jax.Array],
@@ -122,15 +141,7 @@ def layer_prefill(
     """
     dense, sparse_groups = layer_groups(config, sparse, layer)
     g_size = config.group_size
-    parts = {}
-    if dense:
-        kv = np.array(dense, np.int32)
-        parts.update(k=take_heads(k, kv), v=take_heads(v, kv))
-    if sparse_groups:
-        kv = np.array(sparse_groups, np.int32)
-        parts.update(ks=take_heads(k, kv), vs=take_heads(v, kv))
-        if sparse.scorer == "indexer":
-            parts["ki"] = indexer_keys(parts["ks"], layer_indexer["wk"])
+    parts = positional_parts(k, v, layer, config, sparse, layer_indexer)
     keys = parts if layer_cache is None else write_parts_at(layer_cache, parts, q_offset)
     pieces, stats = [], _zero_stats()
     if dense:
@@ -170,15 +181,7 @@ def layer_decode(
     """
     dense, sparse_groups = layer_groups(config, sparse, layer)
     g_size = config.group_size
-    parts: dict[str, jax.Array] = {}
-    if dense:
-        kv = np.array(dense, np.int32)
-        parts.update(k=take_heads(k, kv), v=take_heads(v, kv))
-    if sparse_groups:
-        kv = np.array(sparse_groups, np.int32)
-        parts.update(ks=take_heads(k, kv), vs=take_heads(v, kv))
-        if "ki" in layer_cache:
-            parts["ki"] = indexer_keys(parts["ks"], layer_indexer["wk"])
+    parts = positional_parts(k, v, layer, config, sparse, layer_indexer)
     cache = write_parts(layer_cache, parts, lengths)
     new_lengths = lengths + 1
     pieces, stats = [], _zero_stats()

@@ -85,6 +85,17 @@ def ring_positions(filled: jax.Array, sparse: SparseConfig, size: int
     return pos, valid
 
 
+def ring_take(x: jax.Array, filled: jax.Array, sparse: SparseConfig, size: int,
+              start: int | jax.Array = 0) -> tuple[jax.Array, jax.Array]:
+    """What x ([batch, seq, groups, dim], positions start .. start+seq-1) holds of a ring once
+    positions 0 .. filled[b]-1 were written: (whether each slot's position lies in x [batch,
+    size], x at that position [batch, size, groups, dim], garbage where it does not)."""
+    pos, valid = ring_positions(filled, sparse, size)
+    from_x = valid & (pos >= start) & (pos < start + x.shape[1])
+    at = jnp.clip(pos - start, 0, x.shape[1] - 1)
+    return from_x, jnp.take_along_axis(x, at[:, :, None, None], axis=1)
+
+
 def ring_from_prefill(x: jax.Array, lengths: jax.Array, sparse: SparseConfig, size: int,
                       start: int | jax.Array = 0, ring: jax.Array | None = None) -> jax.Array:
     """The ring after writing x: [batch, seq, groups, dim], positions start .. start+seq-1, rows
@@ -96,11 +107,7 @@ def ring_from_prefill(x: jax.Array, lengths: jax.Array, sparse: SparseConfig, si
     when p >= start, else as `ring` holds it. A gather rather than a scatter of x: a chunk
     longer than the window maps several positions to one slot, and only the newest may land.
     """
-    filled = jnp.minimum(lengths, start + x.shape[1])
-    pos, valid = ring_positions(filled, sparse, size)
-    from_x = valid & (pos >= start)
-    at = jnp.clip(pos - start, 0, x.shape[1] - 1)
-    taken = jnp.take_along_axis(x, at[:, :, None, None], axis=1)
+    from_x, taken = ring_take(x, jnp.minimum(lengths, start + x.shape[1]), sparse, size, start)
     # Slots not taken from x hold what `ring` holds there: a position before start, or nothing
     # yet (zero, as `ring` itself has it).
     old = jnp.zeros_like(taken) if ring is None else ring.astype(taken.dtype)

@@ -104,6 +104,16 @@ def last_valid(hidden: jax.Array, lengths: jax.Array) -> jax.Array:
     return jnp.take_along_axis(hidden, index, axis=1)[:, 0]
 
 
+def chunk_last_token(hidden: jax.Array, lengths: jax.Array, offset: int | jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Where a chunk of a prompt (hidden: [batch, chunk, embed], positions offset ..) holds each
+    row's last prompt token, as `last_valid` reads it: (whether it does [batch], the state
+    there [batch, embed], garbage where it does not)."""
+    at = jnp.maximum(lengths - 1, 0) - offset
+    here = (at >= 0) & (at < hidden.shape[1])
+    return here, last_valid(hidden, jnp.clip(at, 0, hidden.shape[1] - 1) + 1)
+
+
 def prefill(
     params: Params,
     tokens: jax.Array,
@@ -160,7 +170,6 @@ def _prefill_chunks(
     cache = empty_cache(config, b, capacity, params["embed"].dtype, sparse)
     dtype = jnp.result_type(params["embed"], params["final_norm"])
     out = jnp.zeros((b, num_chunks * chunk if every_position else 1, config.hidden_size), dtype)
-    last = jnp.maximum(lengths - 1, 0)  # each row's last prompt token, as `last_valid` reads it
 
     def step(i: jax.Array, carry: tuple[Any, ...]) -> tuple[Any, ...]:
         layers, out, stats = carry
@@ -172,10 +181,8 @@ def _prefill_chunks(
         if every_position:
             out = jax.lax.dynamic_update_slice_in_dim(out, hidden, offset, axis=1)
         else:  # keep the last token's state from the chunk that holds it
-            at = last - offset
-            here = (at >= 0) & (at < chunk)
-            mine = last_valid(hidden, jnp.clip(at, 0, chunk - 1) + 1)[:, None]
-            out = jnp.where(here[:, None, None], mine, out)
+            here, mine = chunk_last_token(hidden, lengths, offset)
+            out = jnp.where(here[:, None, None], mine[:, None], out)
         return [s["cache"] for s in states], out, stats + _sum_stats(states)
 
     init = (cache["layers"], out, jnp.zeros((2,), jnp.float32))

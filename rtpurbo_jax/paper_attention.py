@@ -237,6 +237,21 @@ def _local_heads_chunk(qkv: QKV, cache: dict[str, jax.Array], old_ring: dict[str
     return pieces
 
 
+def positional_parts(qkv: QKV, layer: int, config: ModelConfig, sparse: SparseConfig,
+                     layer_indexer: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The cache parts indexed by position, {k, v, ki} of the full groups
+    (`cache.layer_part_shapes`), of the positions qkv holds ([b, seq, ...] each)."""
+    retrieval, full = sparse.retrieval_heads(layer), sparse.full_groups(layer)
+    parts = {}
+    if full:
+        index = np.asarray(full, np.int32)
+        parts.update(k=take_heads(qkv.k, index), v=take_heads(qkv.v, index))
+        if sparse.scorer == "indexer":
+            parts["ki"] = indexer_keys(head_keys(qkv.k_pre, retrieval, config.group_size),
+                                       layer_indexer["wk"])
+    return parts
+
+
 def layer_prefill(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
                   sparse: SparseConfig, layer_indexer: dict[str, jax.Array], backend: str,
                   dense_prefill: Any, ring: int | None, q_offset: int | jax.Array = 0,
@@ -256,12 +271,7 @@ def layer_prefill(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
     retrieval, local = sparse.retrieval_heads(layer), sparse.local_heads(layer)
     full, window = sparse.full_groups(layer), sparse.window_groups(layer)
     chunked = layer_cache is not None
-    pieces, parts = [], {}
-    if full:
-        full_index = np.asarray(full, np.int32)
-        parts.update(k=take_heads(qkv.k, full_index), v=take_heads(qkv.v, full_index))
-        if sparse.scorer == "indexer":
-            parts["ki"] = indexer_keys(head_keys(qkv.k_pre, retrieval, gs), layer_indexer["wk"])
+    pieces, parts = [], positional_parts(qkv, layer, config, sparse, layer_indexer)
     keys = parts
     if chunked:
         positional = {name: layer_cache[name] for name in parts}
@@ -386,15 +396,9 @@ def layer_decode(qkv: QKV, layer_cache: dict[str, jax.Array], lengths: jax.Array
     qkv: the new token's projections ([b, 1, ...]); lengths: [b] filled positions before this
     step. Returns (out like q, the updated layer cache, stats [2]).
     """
-    gs = config.group_size
     retrieval, local = sparse.retrieval_heads(layer), sparse.local_heads(layer)
-    full, window = sparse.full_groups(layer), sparse.window_groups(layer)
-    parts: dict[str, jax.Array] = {}
-    if full:
-        idx = np.asarray(full, np.int32)
-        parts.update(k=take_heads(qkv.k, idx), v=take_heads(qkv.v, idx))
-        if "ki" in layer_cache:
-            parts["ki"] = indexer_keys(head_keys(qkv.k_pre, retrieval, gs), layer_indexer["wk"])
+    window = sparse.window_groups(layer)
+    parts = positional_parts(qkv, layer, config, sparse, layer_indexer)
     ring_at = None
     if window:
         idx = np.asarray(window, np.int32)
