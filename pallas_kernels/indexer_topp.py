@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -451,7 +452,8 @@ def _bisect(pred, num_rows: int) -> jax.Array:
     """
     def step(_, carry):
         lo, hi = carry
-        mid = lo + lax.div(hi - lo, 2)
+        # hi - lo >= 0, so a shift halves it exactly (TPUs have no vector integer division).
+        mid = lo + lax.shift_right_arithmetic(hi - lo, 1)
         ok = pred(mid)
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
@@ -468,13 +470,15 @@ def _exclusive_rank(mask: jax.Array) -> jax.Array:
 def _selection_mask(
     logits: jax.Array, last_block: jax.Array, *, top_p: float, sink_blocks: int,
     local_blocks: int, min_blocks: int, max_blocks: int | None, top_k: int | None,
+    exclusive_rank: Callable[[jax.Array], jax.Array] = _exclusive_rank,
 ) -> tuple[jax.Array, jax.Array]:
     """The selection rule on rows of block logits, without a sort.
 
-    Only elementwise ops, row reductions, a row prefix sum and fixed-length loops, so the same
-    code runs as XLA and inside a Triton kernel. logits: [R, N] float32 (entries past a row's
-    last candidate are ignored); last_block: [R] int32. Returns (selected [R, N] bool,
-    counts [R] int32).
+    Only elementwise ops, row reductions, a row prefix count and fixed-length loops, so the
+    same code runs as XLA and inside a Triton or Mosaic kernel. logits: [R, N] float32 (entries
+    past a row's last candidate are ignored); last_block: [R] int32; exclusive_rank: the
+    prefix count, [R, N] bool -> [R, N] int32 (Mosaic has no cumulative sum: the TPU kernel
+    passes matmuls). Returns (selected [R, N] bool, counts [R] int32).
     """
     num_rows, n = logits.shape
     j = lax.iota(jnp.int32, n)[None, :]
@@ -509,7 +513,7 @@ def _selection_mask(
         above, tie = split_at(tau)
         base = forced_mass + jnp.sum(jnp.where(above, probs, 0.0), axis=1)
         tau_prob = lax.bitcast_convert_type(jnp.maximum(tau, 0), jnp.float32)
-        mass_before = base[:, None] + _exclusive_rank(tie).astype(jnp.float32) * tau_prob[:, None]
+        mass_before = base[:, None] + exclusive_rank(tie).astype(jnp.float32) * tau_prob[:, None]
         kept = above | (tie & (mass_before < top_p))
         if not clamped:
             selected = forced | kept
@@ -532,7 +536,7 @@ def _selection_mask(
 
     above, tie = split_at(_bisect(has_keep, num_rows))
     short = keep - jnp.sum(above.astype(jnp.int32), axis=1)
-    selected = forced | above | (tie & (_exclusive_rank(tie) < short[:, None]))
+    selected = forced | above | (tie & (exclusive_rank(tie) < short[:, None]))
     return selected, jnp.sum(selected.astype(jnp.int32), axis=1)
 
 

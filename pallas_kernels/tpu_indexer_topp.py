@@ -1,4 +1,4 @@
-"""Indexer block scoring as a Pallas Mosaic (TPU) kernel, then the top-p / top-k selection.
+"""Indexer block scoring and the top-p / top-k block selection as Pallas Mosaic (TPU) kernels.
 
 The contract is that of `pallas_kernels.indexer_topp` (see its module docstring): block logits
 L_j = logsumexp over the candidate keys s of block j of scale * <pooled qi, ki_s>, then the
@@ -9,18 +9,33 @@ What runs where:
     Triton entry point.
   * Block logits: the Mosaic kernel `block_logits_tpu` (same outputs as
     `block_logits_reference`).
-  * Selection: a jnp (XLA) step after the kernel, not a Mosaic kernel: `select_blocks_bisect`
-    (the sort-free bisection rule of the Triton selection kernel, vectorised) by default, or
-    `select_blocks_reference` (a sort per row). The bisection rule needs row prefix sums and a
-    scatter for the compaction, which Mosaic does not lower.
+  * Selection: the Mosaic kernel `select_blocks_tpu` (same outputs as
+    `select_blocks_reference`), by default; `indexer_topp_tpu` can run the selection as jnp
+    instead (`select_blocks_bisect` or the reference), as the Triton entry point can.
 
-Kernel layout. TPU blocks tile the last two dimensions (sublanes x lanes), and the indexer rank
+Scoring layout. TPU blocks tile the last two dimensions (sublanes x lanes), and the indexer rank
 r (16) is far below the 128 lanes, so the kernel works on transposed scores: a key block's
 scores against a tile of pooled queries are [block_k, tile_q] (keys on sublanes, queries on
 lanes), each block's logsumexp is a reduction over sublanes giving one [1, tile_q] row, and the
 kernel writes logits as [batch, groups, nk, nq] (the wrapper transposes them back). The grid is
 (batch, group, key chunk, query tile) with the query tile innermost, so each key chunk is read
 from HBM once; chunks past every query of a tile (causality) only write -inf.
+
+Selection layout. A grid step takes a tile of whole rows (rows = (batch, group, query block),
+on sublanes; key blocks on lanes, padded to a multiple of 128): the threshold needs every block
+of its row. The rule is the Triton kernel's (`_selection_mask`: the threshold by bisection over
+probability bit patterns, whose steps are masked row sums), with two replacements for what
+Mosaic does not lower:
+  * the row prefix count (ties at the threshold, compaction) is a matmul on the MXU: each chunk
+    of PREFIX_CHUNK blocks times a strictly upper-triangular 0/1 matrix (bfloat16, exact),
+    plus the running count of the chunks before it;
+  * the compaction into ascending lists is a shift network instead of a scatter: a selected
+    block must move left by d = the unselected blocks before it, and moving every block by the
+    bits of d in turn, lowest first (log2 of the padded row length steps, each a lane roll and
+    two selects), never puts two blocks on one slot.
+A step's VMEM grows with its rows x padded blocks: the logits and index blocks (double-buffered)
+and a handful of [rows, blocks] intermediates of 32 bits, 256 KiB each at 2048 key blocks
+(32 rows a step) and 512 KiB at 16384 (8 rows).
 """
 
 from __future__ import annotations
@@ -37,8 +52,11 @@ from pallas_kernels.indexer_topp import (
     MASK_VALUE,
     NEG_INF,
     RULE_ARGS,
+    SELECTIONS,
     _scores,
+    _selection_mask,
     _split_bf16,
+    max_selected,
     pooled_block_logits,
     select_blocks_bisect,
     select_blocks_reference,
@@ -50,8 +68,13 @@ SUBLANES = 8
 # Key blocks per grid step: the output block's sublane extent (a multiple of SUBLANES, or all
 # of nk when nk is smaller).
 CHUNK_BLOCKS = SUBLANES
-# Selection steps indexer_topp_tpu offers (both jnp after the Mosaic scoring kernel).
-TPU_SELECTIONS = ("bisect", "sort")
+# Selection: about SELECT_TILE_ELEMS logits per grid step, in whole rows (a multiple of
+# SUBLANES of them): 32 rows at 2048 key blocks, 8 (the least) at 16384.
+SELECT_TILE_ELEMS = 1 << 16
+# Key blocks per prefix-count matmul: one MXU tile ([128, 128] bfloat16, 32 KiB).
+PREFIX_CHUNK = LANES
+# An empty slot in the compaction's shift network: no bit below 30 set, so it never moves.
+EMPTY_SLOT = 1 << 30
 
 
 def _logits_kernel(bounds_ref, q_ref, k_ref, last_ref, o_ref, *, block_k: int,
@@ -197,6 +220,125 @@ def block_logits_tpu(
     return out[:, :, :nk, :nq].transpose(0, 1, 3, 2)
 
 
+def _prefix_count(mask: jax.Array) -> jax.Array:
+    """[R, N] bool -> [R, N] int32: how many True entries precede each entry in its row.
+
+    N a multiple of PREFIX_CHUNK. Per chunk, a matmul with the strictly upper-triangular 0/1
+    matrix counts the entries before each one within the chunk (0/1 products, sums < 2^24:
+    exact in bfloat16 with float32 accumulation), and a running count adds the chunks before.
+    """
+    rows, n = mask.shape
+    c = PREFIX_CHUNK
+    before = (lax.broadcasted_iota(jnp.int32, (c, c), 0)
+              < lax.broadcasted_iota(jnp.int32, (c, c), 1))
+    upper = jnp.where(before, 1.0, 0.0).astype(jnp.bfloat16)
+    ones = jnp.where(mask, 1.0, 0.0)
+    carry = jnp.zeros((rows, 1), jnp.float32)
+    parts = []
+    for k in range(n // c):
+        chunk = ones[:, k * c:(k + 1) * c]
+        within = lax.dot_general(chunk.astype(jnp.bfloat16), upper, (((1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+        parts.append(carry + within)
+        carry = carry + jnp.sum(chunk, axis=1, keepdims=True)
+    return jnp.concatenate(parts, axis=1).astype(jnp.int32)
+
+
+def _compact(selected: jax.Array, counts: jax.Array) -> jax.Array:
+    """Each row's selected block indices in ascending order, without a scatter.
+
+    selected: [R, N] bool (N a multiple of PREFIX_CHUNK, < 2^30); counts: [R] int32. Returns
+    [R, N] int32: slot s < counts holds the s-th selected index, the slots after it the last
+    selected index (0 when none). The network carries, per slot, the shift d of the block on it
+    (EMPTY_SLOT: none); the block's index is then slot + d.
+    """
+    n = selected.shape[1]
+    j = lax.broadcasted_iota(jnp.int32, selected.shape, 1)
+    shift = jnp.where(selected, j - _prefix_count(selected), EMPTY_SLOT)
+    step = 1
+    while step < n:
+        # Blocks whose shift has this bit move left by `step`. Lower bits first, nothing
+        # collides (block order is kept and the gaps between blocks only close), and nothing
+        # wraps around: a block with this bit set is at slot >= step.
+        incoming = pltpu.roll(shift, n - step, 1)  # incoming[x] = shift[x + step]
+        shift = jnp.where((incoming & step) != 0, incoming,
+                          jnp.where((shift & step) != 0, EMPTY_SLOT, shift))
+        step *= 2
+    last_index = jnp.max(jnp.where(selected, j, 0), axis=1, keepdims=True)
+    return jnp.where(j < counts[:, None], j + shift, last_index)
+
+
+def _select_kernel(l_ref, last_ref, idx_ref, cnt_ref, *, rule: dict):
+    """One grid step: the selection of a tile of R rows.
+
+    l_ref: [R, N] float32 block logits (N padded to a multiple of LANES); last_ref: [R, 1]
+    int32 last candidate block (-1: none); idx_ref: [R, max_sel] int32; cnt_ref: [R, 1] int32.
+    """
+    selected, counts = _selection_mask(l_ref[...], last_ref[...][:, 0],
+                                       exclusive_rank=_prefix_count, **rule)
+    idx_ref[...] = _compact(selected, counts)[:, :idx_ref.shape[1]]
+    cnt_ref[...] = counts[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=(*RULE_ARGS, "interpret", "tile_rows"))
+def select_blocks_tpu(
+    logits: jax.Array,
+    last_block: jax.Array,
+    *,
+    top_p: float,
+    sink_blocks: int,
+    local_blocks: int,
+    min_blocks: int = 0,
+    max_blocks: int | None = None,
+    top_k: int | None = None,
+    interpret: bool = False,
+    tile_rows: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Block lists from block logits (Pallas, Mosaic lowering); same contract as
+    `select_blocks_reference`.
+
+    logits: [batch, groups, nq, nk] (float32, or bfloat16: selected as float32);
+    last_block: [batch, nq] int32, shared by the groups. interpret: Pallas' TPU interpret mode
+    (CPU). tile_rows: rows (batch, group, query block) per grid step, a multiple of 8; None:
+    about SELECT_TILE_ELEMS logits. Returns (indices [batch, groups, nq, max_sel] int32,
+    counts [batch, groups, nq] int32).
+    """
+    b, g, nq, nk = logits.shape
+    max_sel = max_selected(nk, max_blocks, top_k, sink_blocks + local_blocks, min_blocks)
+    rows = b * g * nq
+    nk_pad = pl.cdiv(nk, LANES) * LANES
+    if tile_rows is None:
+        tile = max(SUBLANES, SELECT_TILE_ELEMS // nk_pad // SUBLANES * SUBLANES)
+        tile = min(tile, pl.cdiv(rows, SUBLANES) * SUBLANES)
+    elif tile_rows < 1 or tile_rows % SUBLANES:
+        raise ValueError(f"{tile_rows=} must be a positive multiple of {SUBLANES}")
+    else:
+        tile = tile_rows
+    rows_pad = pl.cdiv(rows, tile) * tile
+    # Padding: blocks past nk and rows past `rows` are no candidates (last block -1).
+    flat = jnp.pad(logits.reshape(rows, nk).astype(jnp.float32),
+                   ((0, rows_pad - rows), (0, nk_pad - nk)), constant_values=NEG_INF)
+    last = jnp.broadcast_to(last_block[:, None], (b, g, nq)).reshape(rows, 1)
+    last = jnp.pad(last.astype(jnp.int32), ((0, rows_pad - rows), (0, 0)), constant_values=-1)
+    rule = dict(top_p=top_p, sink_blocks=sink_blocks, local_blocks=local_blocks,
+                min_blocks=min_blocks, max_blocks=max_blocks, top_k=top_k)
+    indices, counts = pl.pallas_call(
+        functools.partial(_select_kernel, rule=rule),
+        grid=(rows_pad // tile,),
+        in_specs=[pl.BlockSpec((tile, nk_pad), lambda i: (i, 0)),
+                  pl.BlockSpec((tile, 1), lambda i: (i, 0))],
+        out_specs=[pl.BlockSpec((tile, max_sel), lambda i: (i, 0)),
+                   pl.BlockSpec((tile, 1), lambda i: (i, 0))],
+        out_shape=[jax.ShapeDtypeStruct((rows_pad, max_sel), jnp.int32),
+                   jax.ShapeDtypeStruct((rows_pad, 1), jnp.int32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name="indexer_select_blocks_tpu",
+    )(flat, last)
+    return (indices[:rows].reshape(b, g, nq, max_sel),
+            counts[:rows, 0].reshape(b, g, nq))
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("block_q", "block_k", "scale", *RULE_ARGS, "interpret", "selection"),
@@ -217,24 +359,26 @@ def indexer_topp_tpu(
     max_blocks: int | None = None,
     top_k: int | None = None,
     interpret: bool = False,
-    selection: str = "bisect",
+    selection: str = "pallas",
 ) -> tuple[jax.Array, jax.Array]:
     """Indexer queries and keys -> block lists; same contract as `indexer_topp_reference`.
 
     qi: [batch, q_len, groups, r], rows at positions q_start[b] + t; ki: [batch, kv_len, groups, r]
     (bfloat16 or float32); q_start, lengths: [batch] int32. Pooling in jnp, block logits by the
-    Mosaic kernel `block_logits_tpu`, then the selection in jnp by `selection` (one of
-    TPU_SELECTIONS: "bisect" the sort-free rule, "sort" the reference). interpret: Pallas' TPU
-    interpret mode (CPU). Returns (indices [batch, groups, nq, max_sel] int32, counts
-    [batch, groups, nq]).
+    Mosaic kernel `block_logits_tpu`, then the selection by `selection` (one of SELECTIONS:
+    "pallas" the Mosaic kernel `select_blocks_tpu`, "bisect" the same rule in XLA, "sort" the
+    reference). interpret: Pallas' TPU interpret mode (CPU). Returns (indices [batch, groups,
+    nq, max_sel] int32, counts [batch, groups, nq]).
     """
-    if selection not in TPU_SELECTIONS:
-        raise ValueError(f"selection must be one of {TPU_SELECTIONS} on TPU (there is no Mosaic "
-                         f"selection kernel), got {selection!r}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     logits, last_block = pooled_block_logits(block_logits_tpu, qi, ki, q_start, lengths,
                                              block_q=block_q, block_k=block_k, scale=scale,
                                              interpret=interpret)
-    select = select_blocks_bisect if selection == "bisect" else select_blocks_reference
-    return select(logits, last_block, top_p=top_p, sink_blocks=sink_blocks,
-                  local_blocks=local_blocks, min_blocks=min_blocks, max_blocks=max_blocks,
-                  top_k=top_k)
+    rule = dict(top_p=top_p, sink_blocks=sink_blocks, local_blocks=local_blocks,
+                min_blocks=min_blocks, max_blocks=max_blocks, top_k=top_k)
+    if selection == "pallas":
+        return select_blocks_tpu(logits, last_block, interpret=interpret, **rule)
+    if selection == "bisect":
+        return select_blocks_bisect(logits, last_block, **rule)
+    return select_blocks_reference(logits, last_block, **rule)

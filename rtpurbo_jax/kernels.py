@@ -15,11 +15,11 @@ from typing import Any, NamedTuple
 
 import jax
 
-from pallas_kernels.indexer_topp import block_logits, select_blocks, select_blocks_bisect
+from pallas_kernels.indexer_topp import block_logits, select_blocks
 from pallas_kernels.local_attention import local_attention
 from pallas_kernels.sparse_attention import sparse_attention
 from pallas_kernels.sparse_decode import sparse_decode
-from pallas_kernels.tpu_indexer_topp import block_logits_tpu
+from pallas_kernels.tpu_indexer_topp import block_logits_tpu, select_blocks_tpu
 from pallas_kernels.tpu_local_attention import local_attention_tpu
 from pallas_kernels.tpu_sparse_attention import sparse_attention_tpu
 from pallas_kernels.tpu_sparse_decode import sparse_decode_tpu
@@ -39,21 +39,10 @@ class Kernels(NamedTuple):
     select_blocks: Any
 
 
-def _without_interpret(fn: Any) -> Any:
-    """A jnp step standing in for a kernel the family lacks takes no `interpret`."""
-    @functools.wraps(fn)
-    def call(*args: Any, interpret: bool = False, **kwargs: Any) -> Any:
-        del interpret
-        return fn(*args, **kwargs)
-    return call
-
-
 _TABLE = {
     "triton": (sparse_attention, sparse_decode, local_attention, block_logits, select_blocks),
-    # Mosaic has no cumulative sum or scatter for the selection's bisection and compaction: the
-    # top-p / top-k rule runs as jnp on the Mosaic kernel's block logits.
     "mosaic": (sparse_attention_tpu, sparse_decode_tpu, local_attention_tpu, block_logits_tpu,
-               _without_interpret(select_blocks_bisect)),
+               select_blocks_tpu),
 }
 
 

@@ -9,6 +9,7 @@ Mosaic's IR verifier) at real sizes without a TPU; Mosaic's own compiler passes 
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -26,7 +27,7 @@ from pallas_kernels.indexer_topp import (
     select_blocks_reference,
 )
 from pallas_kernels.local_attention import local_attention_reference, window_block_lists
-from pallas_kernels.tpu_indexer_topp import block_logits_tpu, indexer_topp_tpu
+from pallas_kernels.tpu_indexer_topp import block_logits_tpu, indexer_topp_tpu, select_blocks_tpu
 from pallas_kernels.tpu_local_attention import _block_span, _slot_block, local_attention_tpu
 from tests import test_indexer_topp_kernel as indexer_tests
 from tests import test_local_attention as local_tests
@@ -161,7 +162,8 @@ INDEXER_CASES = [
 @pytest.mark.parametrize("case,rule", INDEXER_CASES, ids=lambda x: (
     f"seed{x.seed}" if isinstance(x, IndexerCase) else indexer_tests._rule_id(x)))
 def test_tpu_block_logits_and_selection_match_reference(case, rule):
-    """block_logits_tpu to float32 rounding; the selection on its logits exactly."""
+    """block_logits_tpu to float32 rounding; the selection on its logits (the Mosaic kernel,
+    the bisection in XLA, the reference) exactly."""
     qi, ki, q_start, lengths = indexer_tests.make_inputs(case)
     valid, last = query_block_extent(q_start, lengths, case.q_len, case.block_q)
     pooled = pool_queries(qi, valid)
@@ -181,7 +183,8 @@ def test_tpu_block_logits_and_selection_match_reference(case, rule):
     last_block = jnp.where(last >= 0, last // case.block_k, -1)
     # indexer_topp_reference's own last step, on the reference logits.
     ref_idx, ref_cnt = ref_select(jnp.asarray(ref), last_block, **rule_kw)
-    for select in (select_blocks_bisect, ref_select):
+    for select in (functools.partial(select_blocks_tpu, interpret=True), select_blocks_bisect,
+                   ref_select):
         idx, cnt = select(logits, last_block, **rule_kw)
         np.testing.assert_array_equal(np.asarray(cnt), np.asarray(ref_cnt))
         np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_idx))
@@ -189,8 +192,8 @@ def test_tpu_block_logits_and_selection_match_reference(case, rule):
 
 
 def test_tpu_indexer_topp_matches_reference():
-    """The entry point (pooling, the Mosaic scoring kernel, the bisect selection) on a later
-    prefill chunk: rows past the length (empty query blocks), a row of length 0, clamps,
+    """The entry point (pooling, the Mosaic scoring and selection kernels) on a later prefill
+    chunk: rows past the length (empty query blocks), a row of length 0, clamps,
     G = 3, block_q > block_k."""
     case = IndexerCase(44, 40, 100, (100, 70, 0), 3, 16, 32, 16, q_start=50)
     qi, ki, q_start, lengths = indexer_tests.make_inputs(case)
@@ -204,10 +207,10 @@ def test_tpu_indexer_topp_matches_reference():
 
 
 @pytest.mark.parametrize("block_k,dtype,selection,match", [
-    (12, jnp.float32, "bisect", "block_k"),
-    (8, jnp.bfloat16, "bisect", "block_k"),
-    (16, jnp.float16, "bisect", "dtype"),
-    (16, jnp.float32, "pallas", "selection"),
+    (12, jnp.float32, "pallas", "block_k"),
+    (8, jnp.bfloat16, "pallas", "block_k"),
+    (16, jnp.float16, "pallas", "dtype"),
+    (16, jnp.float32, "mosaic", "selection"),
 ])
 def test_tpu_indexer_rejects_unsupported(block_k, dtype, selection, match):
     qi = jnp.zeros((1, 32, 1, 16), dtype)
@@ -229,3 +232,77 @@ def test_tpu_block_logits_lower_to_mosaic(nq, kv_len, rank, dtype):
         lambda p, k, n, last: block_logits_tpu(p, k, n, last, block_k=64, scale=1.0),
         spec((1, nq, 7, rank), jnp.float32), spec((1, kv_len, 7, rank), dtype),
         spec((1,), jnp.int32), spec((1, nq), jnp.int32))
+
+
+# (rule, tied logits, nk, logits dtype, tile_rows): 30 rows of (batch 3, groups 2, 5 query
+# blocks), the blocks padded to whole 128-lane chunks (nk 300: three prefix-count chunks).
+SELECTION_CASES = [
+    # Ties split at the top-p threshold; rows in tiles of 8, the last one padded.
+    (dict(top_p=0.9), True, 300, jnp.float32, 8),
+    # The clamps' tie rule (the keep-th largest probability), one chunk mostly padding.
+    (dict(top_p=0.99, min_blocks=6, max_blocks=9), True, 37, jnp.float32, None),
+    # top-k over ties.
+    (dict(top_p=0.9, top_k=6), True, 130, jnp.float32, None),
+    # bfloat16 logits (selected as float32), 6 chunks, a 10-step compaction.
+    (dict(top_p=0.5), False, 700, jnp.bfloat16, None),
+    # Every candidate: full lists, the compaction moves nothing.
+    (dict(top_p=1.0), False, 300, jnp.float32, 16),
+]
+
+
+@pytest.mark.parametrize("rule,tied,nk,dtype,tile_rows", SELECTION_CASES,
+                         ids=lambda x: indexer_tests._rule_id(x) if isinstance(x, dict) else None)
+def test_tpu_selection_kernel_matches_reference(rule, tied, nk, dtype, tile_rows):
+    """select_blocks_tpu equals the reference exactly (on the logits as float32): ragged and
+    empty rows (last block -1), ties, clamps, top-k, GQA groups sharing a last block."""
+    batch, groups, nq = 3, 2, 5
+    logits = indexer_tests._random_logits(nk + len(str(rule)), (batch, groups, nq, nk), tied)
+    logits = logits.astype(dtype)
+    last_block = indexer_tests._random_last_block(nk, batch, nq, nk)
+    kw = dict(sink_blocks=SINK, local_blocks=LOCAL, **rule)
+    ref_idx, ref_cnt = ref_select(logits.astype(jnp.float32), last_block, **kw)
+    idx, cnt = select_blocks_tpu(logits, last_block, interpret=True, tile_rows=tile_rows, **kw)
+    np.testing.assert_array_equal(np.asarray(cnt), np.asarray(ref_cnt))
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_idx))
+    assert (np.asarray(ref_cnt) == 0).any() and (np.asarray(ref_cnt) > SINK + LOCAL).any()
+    if tied:  # some selections end inside a tie group, and take its first blocks
+        assert indexer_tests.split_tie_groups(logits, last_block, idx, cnt) > 0
+
+
+def test_tpu_selection_rejects_unsupported_tile_rows():
+    logits = jnp.zeros((1, 1, 4, 10), jnp.float32)
+    with pytest.raises(ValueError, match="tile_rows"):
+        select_blocks_tpu(logits, jnp.zeros((1, 4), jnp.int32), top_p=0.9, sink_blocks=1,
+                          local_blocks=1, tile_rows=12, interpret=True)
+
+
+SELECTION_LOWERING_RULES = [dict(top_p=0.9), dict(top_p=0.9, min_blocks=4, max_blocks=64),
+                            dict(top_p=1.0, top_k=8)]
+
+
+@pytest.mark.parametrize("rule", SELECTION_LOWERING_RULES, ids=indexer_tests._rule_id)
+@pytest.mark.parametrize("nq,nk", [
+    (2048, 2048),  # 128K prefill, 64-token blocks
+    (1, 2048),  # 128K decode
+    (1, 16384),  # 1M decode
+    (3, 24),  # ragged everything
+])
+def test_tpu_selection_lowers_to_mosaic(rule, nq, nk):
+    spec = jax.ShapeDtypeStruct
+    assert _lowers_to_mosaic(
+        lambda logits, last: select_blocks_tpu(logits, last, sink_blocks=SINK,
+                                               local_blocks=LOCAL, **rule),
+        spec((1, 7, nq, nk), jnp.float32), spec((1, nq), jnp.int32))
+
+
+@pytest.mark.parametrize("q_len", [131072, 1])  # 128K prefill, 128K decode
+def test_tpu_indexer_topp_lowers_to_mosaic(q_len):
+    """The entry point: pooling in XLA around the scoring and the selection kernel."""
+    spec = jax.ShapeDtypeStruct
+    fn = functools.partial(indexer_topp_tpu, block_q=64, block_k=64, scale=1.0, top_p=0.95,
+                           sink_blocks=SINK, local_blocks=LOCAL)
+    text = jax.jit(fn).trace(
+        spec((1, q_len, 7, 16), jnp.bfloat16), spec((1, 131072, 7, 16), jnp.bfloat16),
+        spec((1,), jnp.int32), spec((1,), jnp.int32)).lower(lowering_platforms=("tpu",)).as_text()
+    for kernel in ("indexer_block_logits_tpu", "indexer_select_blocks_tpu"):
+        assert f'kernel_name = "{kernel}"' in text
