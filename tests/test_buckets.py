@@ -1,9 +1,13 @@
 """Shape buckets: a prompt whose bucket was seen compiles nothing, and padding to a bucket
 changes no token and no logit beyond float32 rounding, for a dense model and both sparse
-designs (ragged batches; the paper design's ring buffers wrapping)."""
+designs (ragged batches; the paper design's ring buffers wrapping). What a first call spends
+on tracing, lowering and compiling is measured (`compiles`)."""
 
 from __future__ import annotations
 
+import time
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ import pytest
 from rtpurbo_jax import generate as gen
 from rtpurbo_jax.api import SparseModel, right_pad
 from rtpurbo_jax.buckets import bucket, check_buckets, default_buckets, generate_shape
-from rtpurbo_jax.compiles import count_compiles
+from rtpurbo_jax.compiles import compile_profile, compile_seconds, count_compiles
 from rtpurbo_jax.config import SparseConfig
 from rtpurbo_jax.indexer import init_indexer
 from tests.tiny import TINY, tiny_model
@@ -31,9 +35,10 @@ DESIGNS = {
     "paper_kv_routed": SparseConfig(KV_ROUTED, **PAPER),
     "paper_head_routed": SparseConfig(HEAD_ROUTED, **PAPER),
 }
-# An end-of-sequence id no other test uses: it is static in generate, so this test's first
-# call is sure to compile a program of its own.
+# End-of-sequence ids no other test uses: they are static in generate, so a test's first call
+# is sure to compile a program of its own.
 FRESH_EOS = (37,)
+FRESH_EOS_SPLIT = (38,)
 
 
 def _models(design: str) -> tuple[SparseModel, SparseModel]:
@@ -80,6 +85,28 @@ def test_same_bucket_compiles_nothing():
     with count_compiles() as second:
         model.generate([list(range(2, 32))], 9, eos_token_id=FRESH_EOS)
     assert sum(second.values()) == 0, second
+
+
+def test_first_call_splits_into_trace_lower_compile():
+    """compile_seconds splits a first call into tracing, lowering and XLA's compile, within its
+    wall clock; a call in the same buckets spends nothing on any of them."""
+    model = tiny_model()
+    with compile_seconds() as first:
+        start = time.perf_counter()
+        model.generate([list(range(2, 12))], 5, eos_token_id=FRESH_EOS_SPLIT)
+        seconds = time.perf_counter() - start
+    assert min(first.values()) > 0 and sum(first.values()) <= seconds, (first, seconds)
+    with compile_seconds() as second:
+        model.generate([list(range(2, 32))], 9, eos_token_id=FRESH_EOS_SPLIT)
+    assert sum(second.values()) == 0, second
+
+
+def test_compile_profile_names_the_compiler_phases():
+    out, phases = compile_profile(lambda: np.asarray(jax.jit(lambda x: 2 * x + 1)(jnp.arange(3.0))))
+    np.testing.assert_array_equal(out, [1.0, 3.0, 5.0])
+    assert phases and all(p["seconds"] >= 0 and p["count"] >= 1 for p in phases)
+    assert [p["seconds"] for p in phases] == sorted((p["seconds"] for p in phases), reverse=True)
+    assert any("Compile" in p["name"] for p in phases), phases
 
 
 def test_model_call_in_the_same_bucket_does_not_recompile_forward():
