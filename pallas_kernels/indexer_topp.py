@@ -728,15 +728,29 @@ def indexer_topp(
     kernel, "bisect" the same rule in XLA, "sort" the reference). interpret: Pallas interpret
     mode (CPU). Returns (indices [batch, groups, nq, max_sel] int32, counts [batch, groups, nq]).
     """
+    return scored_selection(block_logits, select_blocks, qi, ki, q_start, lengths,
+                            block_q=block_q, block_k=block_k, scale=scale, interpret=interpret,
+                            selection=selection, top_p=top_p, sink_blocks=sink_blocks,
+                            local_blocks=local_blocks, min_blocks=min_blocks,
+                            max_blocks=max_blocks, top_k=top_k)
+
+
+def scored_selection(
+    logits_kernel: Callable[..., jax.Array], select_kernel: Callable[..., Any], qi: jax.Array,
+    ki: jax.Array, q_start: jax.Array, lengths: jax.Array, *, block_q: int, block_k: int,
+    scale: float, interpret: bool, selection: str, **rule: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """The body of a kernel family's indexer entry point (`indexer_topp`, and the TPU's
+    `indexer_topp_tpu`): pooling, block logits by the family's `logits_kernel`, then the
+    selection `selection` names: "pallas" the family's `select_kernel`, "bisect" the same rule
+    in XLA, "sort" the reference. rule: RULE_ARGS."""
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    logits, last_block = pooled_block_logits(block_logits, qi, ki, q_start, lengths,
+    logits, last_block = pooled_block_logits(logits_kernel, qi, ki, q_start, lengths,
                                              block_q=block_q, block_k=block_k, scale=scale,
                                              interpret=interpret)
-    rule = dict(top_p=top_p, sink_blocks=sink_blocks, local_blocks=local_blocks,
-                min_blocks=min_blocks, max_blocks=max_blocks, top_k=top_k)
     if selection == "pallas":
-        return select_blocks(logits, last_block, interpret=interpret, **rule)
+        return select_kernel(logits, last_block, interpret=interpret, **rule)
     if selection == "bisect":
         return select_blocks_bisect(logits, last_block, **rule)
     return select_blocks_reference(logits, last_block, **rule)

@@ -52,14 +52,11 @@ from pallas_kernels.indexer_topp import (
     MASK_VALUE,
     NEG_INF,
     RULE_ARGS,
-    SELECTIONS,
     _scores,
     _selection_mask,
     _split_bf16,
     max_selected,
-    pooled_block_logits,
-    select_blocks_bisect,
-    select_blocks_reference,
+    scored_selection,
 )
 
 # TPU vector registers are 8 sublanes x 128 lanes (32-bit); bfloat16 packs 16 rows per vreg.
@@ -370,15 +367,8 @@ def indexer_topp_tpu(
     reference). interpret: Pallas' TPU interpret mode (CPU). Returns (indices [batch, groups,
     nq, max_sel] int32, counts [batch, groups, nq]).
     """
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    logits, last_block = pooled_block_logits(block_logits_tpu, qi, ki, q_start, lengths,
-                                             block_q=block_q, block_k=block_k, scale=scale,
-                                             interpret=interpret)
-    rule = dict(top_p=top_p, sink_blocks=sink_blocks, local_blocks=local_blocks,
-                min_blocks=min_blocks, max_blocks=max_blocks, top_k=top_k)
-    if selection == "pallas":
-        return select_blocks_tpu(logits, last_block, interpret=interpret, **rule)
-    if selection == "bisect":
-        return select_blocks_bisect(logits, last_block, **rule)
-    return select_blocks_reference(logits, last_block, **rule)
+    return scored_selection(block_logits_tpu, select_blocks_tpu, qi, ki, q_start, lengths,
+                            block_q=block_q, block_k=block_k, scale=scale, interpret=interpret,
+                            selection=selection, top_p=top_p, sink_blocks=sink_blocks,
+                            local_blocks=local_blocks, min_blocks=min_blocks,
+                            max_blocks=max_blocks, top_k=top_k)
