@@ -32,13 +32,18 @@ def base_config() -> ml_collections.ConfigDict:
     config.heads = ml_collections.ConfigDict(dict(
         mask_file="",  # a JSON with "retrieval_mask" (e.g. a heads.json): skips calibration
         # "tasks": needle mass of retrieval-task answers, per KV head; "needle": the paper's
-        # Eq. 3 on a real document with a repeated span, per query head.
+        # Eq. 3 on a real document with a repeated span, per query head; "gates": per query
+        # head, learnt gates between causal and window attention under the rule's budget.
         method="tasks",
         # Design "paper": single query heads, whole "kv" groups, or "both" (indexers for either
         # choice, so tune.py compares the two routings without retraining).
         granularity="query",
         tasks=("passkey", "niah_multikey"), length=4096, samples=8, batch_size=4,
         needle_tokens=64, documents=1,  # method "needle": span length, documents averaged
+        # Method "gates" (design "paper"): batches of `length` tokens (batch_size each) of
+        # text and tasks, task samples min_task_len..length long; the KL's share on answers.
+        gate_steps=100, gate_learning_rate=0.02, gate_answer_weight=0.5,
+        gate_min_task_len=1024, gate_dtype="bfloat16",
         rule="threshold",  # "threshold" | "fraction" | "count"
         rule_value=0.1,
     ))
@@ -83,7 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.cpu_schedule = ml_collections.ConfigDict(dict(
         train=dict(steps=12, seq_len=1024, batch_size=1, warmup_steps=3, checkpoint_every=4,
                    calibration_windows=2),
-        heads=dict(length=1024, samples=2, batch_size=2, needle_tokens=32),
+        heads=dict(length=1024, samples=2, batch_size=2, needle_tokens=32, gate_steps=3,
+                   gate_min_task_len=256, gate_dtype="float32"),
         distill=dict(steps=4, seq_len=512, batch_size=1, warmup_steps=1, checkpoint_every=2,
                      compute_dtype="float32"),
     ))

@@ -7,8 +7,9 @@ step is a function of a loaded model; `indexer_quality` measures how well an ind
 selection covers the true attention.
 
 Heads are calibrated by `heads.method`: "needle" (the paper's Eq. 3: attention from a repeated
-span to its first copy, per query head) or "tasks" (attention on the needles of retrieval-task
-answers, per KV head). The design decides the granularity of the mask: KV heads ("indexer") or
+span to its first copy, per query head), "tasks" (attention on the needles of retrieval-task
+answers, per KV head) or "gates" (design "paper": per query head, what its window costs the
+output, `head_gates`). The design decides the granularity of the mask: KV heads ("indexer") or
 query heads ("paper", choosing single heads or whole KV groups by `heads.granularity`).
 """
 
@@ -29,6 +30,7 @@ from rtpurbo_jax.api import RANDOM_NAME, SparseModel
 from rtpurbo_jax.config import ConfigError, SparseConfig
 from rtpurbo_jax.data import corpus_tokens
 from rtpurbo_jax.heads import (
+    NEEDLE_SCORE_LABEL,
     choose_query_heads,
     choose_retrieval_heads,
     group_scores,
@@ -52,9 +54,15 @@ CALIBRATION_ROWS = 16384
 # Separates the calibration text's random stream from the training data's.
 CALIBRATION_STREAM = 7
 RULES = ("threshold", "fraction", "count")
-METHODS = ("needle", "tasks")
+METHODS = ("needle", "tasks", "gates")
 # Separates the needle documents' random stream from the other calibration streams.
 NEEDLE_STREAM = 11
+# What a profile's heatmap shows, per method.
+SCORE_LABELS = {"needle": NEEDLE_SCORE_LABEL,
+                "gates": "gate: share of causal attention in the head's output\n(learnt under "
+                         "the budget to keep the dense model's outputs)"}
+# The gates' training examples: a stream of their own (stage 1's is None, stage 2's 2).
+GATE_STREAM = 13
 
 _collect_qk = jax.jit(collect_qk, static_argnames=("config", "backend"))
 
@@ -175,11 +183,44 @@ def needle_calibration(model: SparseModel, heads: Any, seed: int, tokenizer: Any
                     "needle_tokens": heads.needle_tokens, "documents": heads.documents}
 
 
+def gate_calibration(model: SparseModel, heads: Any, seed: int, tokenizer: Any, sparse: Any,
+                     data: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """Every query head's gate after `head_gates.train_gates` under the rule's share of query
+    heads: [layers, heads], and what it ran on."""
+    from rtpurbo_jax.data import training_dataset
+    from rtpurbo_jax.head_gates import train_gates
+
+    config = model.config
+    if heads.rule == "threshold":
+        raise ConfigError("heads.method='gates' ranks heads under a budget: set heads.rule to "
+                          "'fraction' or 'count'")
+    budget = (float(heads.rule_value) if heads.rule == "fraction"
+              else int(heads.rule_value) / (config.num_layers * config.num_heads))
+    batches = training_dataset(tokenizer, data, seq_len=heads.length,
+                               batch_size=heads.batch_size, steps=heads.gate_steps, seed=seed,
+                               stream=GATE_STREAM, min_task_len=heads.gate_min_task_len)
+    params = jax.tree.map(lambda x: x.astype(heads.gate_dtype), model.params)
+    gates, losses = train_gates(params, config, batches, budget=budget, window=sparse.window,
+                                sink_tokens=sparse.sink_tokens,
+                                learning_rate=heads.gate_learning_rate,
+                                answer_weight=heads.gate_answer_weight, backend=model.backend,
+                                progress=True)
+    return gates, {"method": "gates", "length": heads.length, "budget": budget,
+                   "steps": heads.gate_steps, "batch_size": heads.batch_size,
+                   "learning_rate": heads.gate_learning_rate,
+                   "answer_weight": heads.gate_answer_weight,
+                   "min_task_len": heads.gate_min_task_len, "window": sparse.window,
+                   "sink_tokens": sparse.sink_tokens, "first_loss": losses[0],
+                   "final_loss": losses[-1]}
+
+
 def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path,
-                   design: str = "indexer") -> tuple[tuple[bool, ...], ...]:
+                   design: str = "indexer", *, sparse: Any = None, data: Any = None
+                   ) -> tuple[tuple[bool, ...], ...]:
     """The mask from heads.mask_file, from an earlier calibration in run_dir, or calibrated now
     (written to run_dir/heads.json and heads.png): [layers][kv_heads] for design "indexer",
-    [layers][query heads] for design "paper"."""
+    [layers][query heads] for design "paper". Method "gates" needs the sparse config (its
+    window) and the data config."""
     if heads.mask_file:
         if not Path(heads.mask_file).exists():
             raise FileNotFoundError(f"heads.mask_file {heads.mask_file} does not exist")
@@ -189,18 +230,25 @@ def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path,
     if heads.method not in METHODS:
         raise ValueError(f"heads.method must be one of {METHODS}, got {heads.method!r}")
     rule, tokenizer, config = _rule(heads), task_tokenizer(model), model.config
-    if heads.method == "needle":
-        scores, info = needle_calibration(model, heads, seed, tokenizer)
+    if heads.method == "gates" and design != "paper":
+        raise ConfigError("heads.method='gates' weighs the paper design's local window: set "
+                          "sparse.design='paper' or another heads.method")
+    if heads.method in ("needle", "gates"):
+        scores, info = (needle_calibration(model, heads, seed, tokenizer)
+                        if heads.method == "needle" else
+                        gate_calibration(model, heads, seed, tokenizer, sparse, data))
         info.update(rule, design=design, granularity=heads.granularity)
         if design == "paper":
             mask = choose_query_heads(scores, config.group_size, granularity=heads.granularity,
                                       **rule)
             save_needle_profile(run_dir / "heads", scores, mask, config.name, info,
-                                config.group_size, granularity=heads.granularity)
+                                config.group_size, granularity=heads.granularity,
+                                score_label=SCORE_LABELS[heads.method])
         else:  # one score per KV head: its query heads' mean
             per_group = group_scores(scores, config.group_size)
             mask = choose_query_heads(per_group, 1, granularity="query", **rule)
-            save_needle_profile(run_dir / "heads", per_group, mask, config.name, info, 1)
+            save_needle_profile(run_dir / "heads", per_group, mask, config.name, info, 1,
+                                score_label=SCORE_LABELS[heads.method])
         return mask
     prof = profile(model, tasks=tuple(heads.tasks), length=heads.length,
                    samples_per_task=heads.samples, seed=seed, batch_size=heads.batch_size,
@@ -274,7 +322,8 @@ def run_stage1(config: Any, model: SparseModel, run_dir: Path, mesh: Any
     from rtpurbo_jax.training import run_training
 
     tokenizer = task_tokenizer(model)
-    mask = retrieval_mask(model, config.heads, config.seed, run_dir, config.sparse.design)
+    mask = retrieval_mask(model, config.heads, config.seed, run_dir, config.sparse.design,
+                          sparse=config.sparse, data=config.data)
     sparse = SparseConfig(mask, group_size=model.config.group_size, **config.sparse.to_dict())
     sparse.check_model(model.config)
     train = config.train

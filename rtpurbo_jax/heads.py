@@ -56,6 +56,9 @@ NEEDLE_PREFIX_TOKENS = 4
 # The least haystack between the two copies: the local window, so that a head that only reads
 # nearby tokens cannot reach the earlier copy and score as a retrieval head.
 MIN_NEEDLE_GAP_TOKENS = FAR_LOCAL_TOKENS
+# The needle profile's heatmap title.
+NEEDLE_SCORE_LABEL = ("needle-copy score R_h\n(attention mass from the later needle copy on the "
+                      "earlier one)")
 # The paper's default share of query heads kept as retrieval heads.
 DEFAULT_RETRIEVAL_FRACTION = 0.15
 # "query": rank query heads (the paper); "kv": rank whole KV groups (what the sparse model keeps).
@@ -520,8 +523,11 @@ def save_needle_profile(
     group_size: int,
     *,
     granularity: str = "query",
+    score_label: str = NEEDLE_SCORE_LABEL,
 ) -> tuple[Path, Path, Path]:
-    """Writes the needle profile: returns (<path>.json, <path>.png, <path>_layers.png).
+    """Writes a per-query-head profile (the needle score's, or another score ranked the same
+    way, named by `score_label` in the heatmap): returns (<path>.json, <path>.png,
+    <path>_layers.png).
 
     JSON: "model", "info", "granularity" (how `mask` was chosen), "group_size", "score"
     [layers][heads], "group_score" [layers][kv_heads], "retrieval_mask" [layers][heads] (query
@@ -559,8 +565,7 @@ def save_needle_profile(
     }, indent=1))
     chosen = f"{int(grid.sum())} of {grid.size} query heads"
     _plot_needle_heatmap(scores, grid, group_size, png_path,
-                         title=f"{model_name}: needle-copy score R_h\n(attention mass from the "
-                               f"later needle copy on the earlier one)\nred: retrieval heads, "
+                         title=f"{model_name}: {score_label}\nred: retrieval heads, "
                                f"{chosen} ({granularity} granularity)\nwhite lines: KV groups")
     _plot_layer_counts(grid, group_size, counts_path,
                        title=f"{model_name}: retrieval heads per layer ({chosen}; "

@@ -1,0 +1,141 @@
+"""Head gates (heads.method "gates"): the budget projection is the Euclidean projection, the
+gated model is dense at 1 and windowed at 0, the gates find the heads that matter, and the
+conversion writes their profile."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from rtpurbo_jax.config import ConfigError
+from rtpurbo_jax.convert import run_conversion
+from rtpurbo_jax.dense import masked_softmax_attention, visible_keys
+from rtpurbo_jax.generate import training_hidden
+from rtpurbo_jax.head_gates import gate_loss, gated_attend, project_to_budget, train_gates
+from rtpurbo_jax.model import decoder
+from tests.tiny import TINY, tiny_model
+
+WINDOW, SINKS = 16, 4
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.3, 0.75])
+def test_projection_meets_the_budget_and_the_optimality_conditions(budget):
+    rng = np.random.default_rng(1)
+    alpha = jnp.asarray(rng.uniform(-1.0, 2.0, 60), jnp.float32)
+    x = np.asarray(project_to_budget(alpha, budget), np.float64)
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    assert abs(x.mean() - budget) < 1e-5
+    # KKT of min |x - alpha|^2 on the capped simplex: one shift tau for the free entries, the
+    # clipped ones on the right side of it.
+    a = np.asarray(alpha, np.float64)
+    free = (x > 1e-6) & (x < 1 - 1e-6)
+    assert free.any()
+    tau = (a - x)[free]
+    assert np.ptp(tau) < 1e-5
+    assert np.all(a[x <= 1e-6] <= tau[0] + 1e-5)
+    assert np.all(a[x >= 1 - 1e-6] >= tau[0] + 1 - 1e-5)
+
+
+def _forward(params, tokens, lengths, attend):
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    return decoder(params, tokens, positions, TINY, attend, [None] * TINY.num_layers)[0]
+
+
+def _batch(length: int = 96, ragged: int = 70):
+    tokens = jax.random.randint(jax.random.key(3), (2, length), 2, TINY.vocab_size)
+    return tokens, jnp.asarray([length, ragged], jnp.int32)
+
+
+def test_gates_at_one_are_dense_and_at_zero_windowed():
+    params = tiny_model().params
+    tokens, lengths = _batch()
+    ones = jnp.ones((TINY.num_layers, TINY.num_heads))
+
+    def windowed(i, qkv, state):
+        mask = visible_keys(jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape),
+                            tokens.shape[1], lengths, WINDOW, SINKS)[:, None]
+        return masked_softmax_attention(qkv.q, qkv.k, qkv.v, mask, TINY.head_dim**-0.5), state
+
+    for gate, expected in ((ones, training_hidden(params, tokens, lengths, TINY)),
+                           (0 * ones, _forward(params, tokens, lengths, windowed))):
+        got = _forward(params, tokens, lengths,
+                       gated_attend(TINY, lengths, gate, window=WINDOW, sink_tokens=SINKS))
+        for row, n in enumerate(np.asarray(lengths)):
+            np.testing.assert_allclose(got[row, :n], expected[row, :n], atol=2e-5, rtol=2e-5)
+
+
+def _loss(params, alpha, tokens, lengths):
+    return float(gate_loss(alpha, params, tokens, lengths, jnp.zeros((2, 2), jnp.int32),
+                           config=TINY, window=WINDOW, sink_tokens=SINKS, answer_weight=0.0,
+                           backend="reference"))
+
+
+def test_gates_find_the_heads_whose_window_matters():
+    """Every head but two writes nothing (its output projection is zero): only the two can
+    change the output, so a budget of two heads goes to them and the loss falls to ~0."""
+    model = tiny_model()
+    params = jax.tree.map(lambda x: x, model.params)
+    live = {(0, 1), (1, 2)}
+    for layer in range(TINY.num_layers):
+        for head in range(TINY.num_heads):
+            if (layer, head) not in live:
+                params["layers"][layer]["wo"] = params["layers"][layer]["wo"].at[head].set(0.0)
+    tokens, lengths = _batch()
+    batches = [{"tokens": tokens, "length": lengths, "answer_span": np.zeros((2, 2), np.int32)}
+               ] * 30
+    budget = len(live) / (TINY.num_layers * TINY.num_heads)
+    gates, losses = train_gates(params, TINY, batches, budget=budget, window=WINDOW,
+                                sink_tokens=SINKS, learning_rate=0.05, answer_weight=0.0,
+                                backend="reference")
+    assert abs(gates.mean() - budget) < 1e-5
+    top = {tuple(int(i) for i in np.unravel_index(j, gates.shape))
+           for j in np.argsort(-gates, axis=None)[:len(live)]}
+    assert top == live
+    assert losses[0] > 0 and losses[-1] < 0.1 * losses[0]
+    assert _loss(params, jnp.asarray(gates, jnp.float32), tokens, lengths) < 0.1 * losses[0]
+
+
+def test_bad_budget_fails_clearly():
+    with pytest.raises(ValueError, match="budget"):
+        train_gates(tiny_model().params, TINY, [], budget=1.0, window=WINDOW, sink_tokens=SINKS,
+                    learning_rate=0.1, answer_weight=0.0)
+
+
+def test_conversion_with_gates_writes_their_profile(tmp_path):
+    config = tiny.get_config()
+    config.sparse.update(design="paper", window=64, sink_blocks=1, local_blocks=1)
+    config.heads.update(method="gates", granularity="kv", rule="fraction", rule_value=0.5,
+                        length=256, batch_size=1, gate_steps=2, gate_min_task_len=240)
+    config.train.update(steps=1, loss_level="token", teacher_top_p=1.0)
+    summary = run_conversion(config, tmp_path)
+    heads = json.loads((tmp_path / "heads.json").read_text())
+    assert heads["info"]["method"] == "gates" and heads["info"]["budget"] == 0.5
+    assert heads["info"]["window"] == 64 and np.isfinite(heads["info"]["final_loss"])
+    score = np.asarray(heads["score"])
+    assert score.shape == (2, 4) and abs(score.mean() - 0.5) < 1e-5
+    assert summary["retrieval_fraction"] == 0.5 and heads["kv_group_fraction"] == 0.5
+    assert (tmp_path / "heads.png").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(rule="threshold", rule_value=0.1), "budget"),
+])
+def test_gates_need_a_budget_rule(tmp_path, changes, message):
+    config = tiny.get_config()
+    config.sparse.update(design="paper", window=64)
+    config.heads.update(method="gates", **changes)
+    with pytest.raises(ConfigError, match=message):
+        run_conversion(config, tmp_path)
+
+
+def test_gates_need_the_paper_design(tmp_path):
+    config = tiny.get_config()
+    config.heads.update(method="gates", rule="fraction", rule_value=0.5)
+    with pytest.raises(ConfigError, match="design='paper'"):
+        run_conversion(config, tmp_path)
