@@ -230,6 +230,7 @@ def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path,
     if heads.method not in METHODS:
         raise ValueError(f"heads.method must be one of {METHODS}, got {heads.method!r}")
     rule, tokenizer, config = _rule(heads), task_tokenizer(model), model.config
+    tick = time.perf_counter()
     if heads.method == "gates" and design != "paper":
         raise ConfigError("heads.method='gates' weighs the paper design's local window: set "
                           "sparse.design='paper' or another heads.method")
@@ -241,14 +242,15 @@ def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path,
         if design == "paper":
             mask = choose_query_heads(scores, config.group_size, granularity=heads.granularity,
                                       **rule)
-            save_needle_profile(run_dir / "heads", scores, mask, config.name, info,
-                                config.group_size, granularity=heads.granularity,
-                                score_label=SCORE_LABELS[heads.method])
+            path, _, _ = save_needle_profile(run_dir / "heads", scores, mask, config.name, info,
+                                             config.group_size, granularity=heads.granularity,
+                                             score_label=SCORE_LABELS[heads.method])
         else:  # one score per KV head: its query heads' mean
             per_group = group_scores(scores, config.group_size)
             mask = choose_query_heads(per_group, 1, granularity="query", **rule)
-            save_needle_profile(run_dir / "heads", per_group, mask, config.name, info, 1,
-                                score_label=SCORE_LABELS[heads.method])
+            path, _, _ = save_needle_profile(run_dir / "heads", per_group, mask, config.name,
+                                             info, 1, score_label=SCORE_LABELS[heads.method])
+        _record_seconds(path, time.perf_counter() - tick)
         return mask
     prof = profile(model, tasks=tuple(heads.tasks), length=heads.length,
                    samples_per_task=heads.samples, seed=seed, batch_size=heads.batch_size,
@@ -262,7 +264,15 @@ def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path,
         record = json.loads(json_path.read_text())
         record.update(retrieval_mask=[list(row) for row in mask], granularity="kv")
         json_path.write_text(json.dumps(record, indent=1))
+    _record_seconds(json_path, time.perf_counter() - tick)
     return mask
+
+
+def _record_seconds(path: Path, seconds: float) -> None:
+    """Adds the calibration's time to the profile at `path` (stage 1's minutes count it)."""
+    record = json.loads(path.read_text())
+    record["calibration_seconds"] = seconds
+    path.write_text(json.dumps(record, indent=1))
 
 
 # The stages of train.py, in the order they run.
@@ -304,7 +314,9 @@ def run_conversion(config: Any, run_dir: Path) -> dict[str, Any]:
     if "indexer" in stages:
         tick = time.perf_counter()
         sparse, indexer, stage1 = run_stage1(config, model, run_dir, mesh)
-        summary.update(stage1, stage1_minutes=(time.perf_counter() - tick) / 60)
+        # A resumed stage 1 counts the calibration and the steps of every process.
+        summary.update(stage1, stage1_minutes=max((time.perf_counter() - tick) / 60,
+                                                  stage1_recorded_minutes(run_dir)))
     else:
         sparse, indexer = start_checkpoint(config, model, run_dir)
     summary["retrieval_fraction"] = sparse.retrieval_fraction
@@ -312,6 +324,15 @@ def run_conversion(config: Any, run_dir: Path) -> dict[str, Any]:
         summary["distill"] = run_distill(config, model, sparse, indexer, run_dir, mesh,
                                          stage1_minutes=summary.get("stage1_minutes"))
     return summary
+
+
+def stage1_recorded_minutes(run_dir: Path) -> float:
+    """The head calibration's time (heads.json, when this run calibrated) plus every stage-1
+    step's (metrics.jsonl; each process's compile is in its first step), in minutes."""
+    heads = run_dir / "heads.json"
+    calibration = (json.loads(heads.read_text()).get("calibration_seconds", 0.0)
+                   if heads.exists() else 0.0)
+    return (calibration + sum(r["seconds"] for r in _read_metrics(run_dir))) / 60
 
 
 def run_stage1(config: Any, model: SparseModel, run_dir: Path, mesh: Any

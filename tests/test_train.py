@@ -17,7 +17,12 @@ import pytest
 from configs import tiny
 from rtpurbo_jax.api import SparseModel, load_from_config
 from rtpurbo_jax.config import SparseConfig
-from rtpurbo_jax.convert import initial_indexer, retrieval_mask, run_conversion
+from rtpurbo_jax.convert import (
+    initial_indexer,
+    retrieval_mask,
+    run_conversion,
+    stage1_recorded_minutes,
+)
 from rtpurbo_jax.data import DataError, make_example, read_documents, training_dataset
 from rtpurbo_jax.sharding import make_mesh
 from rtpurbo_jax.tasks import ByteTokenizer
@@ -144,6 +149,7 @@ def test_paper_design_conversion(tmp_path):
     assert sparse.design == "paper" and summary["retrieval_fraction"] == 0.25
     heads = json.loads((tmp_path / "heads.json").read_text())
     assert np.asarray(heads["score"]).shape == (2, 4)  # per query head
+    assert heads["calibration_seconds"] > 0
     for name in ("heads.png", "heads_layers.png", "metrics.jsonl"):
         assert (tmp_path / name).exists(), name
     for layer in range(2):
@@ -236,3 +242,15 @@ def test_a_task_length_that_cannot_be_made_is_refused(min_task_len):
     with pytest.raises(DataError, match="min_task_len"):
         training_dataset(ByteTokenizer(), config.data, seq_len=config.train.seq_len,
                          batch_size=1, steps=1, seed=0, min_task_len=min_task_len)
+
+
+def test_stage1_minutes_count_every_process(tmp_path):
+    """A resumed stage 1's minutes are the calibration's plus every step's, whichever process
+    ran them."""
+    (tmp_path / "heads.json").write_text(json.dumps({"calibration_seconds": 30.0}))
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": i + 1, "loss": 1.0, "seconds": s}) + "\n"
+                for i, s in enumerate((10.0, 5.0, 15.0))))
+    assert stage1_recorded_minutes(tmp_path) == pytest.approx(1.0)
+    (tmp_path / "heads.json").unlink()  # a mask from heads.mask_file: no calibration here
+    assert stage1_recorded_minutes(tmp_path) == pytest.approx(0.5)
