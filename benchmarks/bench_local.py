@@ -17,15 +17,18 @@ Shapes are Llama-3-8B attention (32 query / 8 KV heads, head_dim 128, bf16, batc
   cudnn_causal  cuDNN dense causal attention, the dense_ms of every row of that length;
 per length and window:
   local_kernel  pallas_kernels.local_attention: sink_tokens + window, token-exact;
+  cudnn_sinks   rtpurbo_jax.dense.local_attention_cudnn: cuDNN's window, whose log-sum-exp
+                merges the sinks in (token-exact; the paper design's prefill on a GPU);
   cudnn_window  jax.nn.dot_product_attention(local_window_size=(window - 1, 0), cuDNN): the
-                same window without sinks, which cuDNN cannot add: a lower bound.
+                same window without sinks: a lower bound.
 Rows: {bench: "local_prefill", impl, length, window, sink_tokens, ms, dense_ms,
 speedup = dense_ms / ms, tflops}; tflops counts only the (query, key) pairs the impl must see:
-4 * H * D * pairs / time. Checks at --check-length: the kernel vs the float32 reference (ragged
-batch of 2), the kernel without sinks vs cuDNN's window, and cuDNN's window vs the reference
-without sinks (confirms the (window - 1, 0) convention). Timing as bench_kernels.py (its
-helpers). Results: OUT_DIR/local_<device tag>.json, rewritten after every row, with the device,
-jax version and commit ($COMMIT when set, else `git rev-parse HEAD`); a table prints last.
+4 * H * D * pairs / time. Checks at --check-length: the kernel and cudnn_sinks vs the float32
+reference (ragged batch of 2), the kernel without sinks vs cuDNN's window, and cuDNN's window
+vs the reference without sinks (confirms the (window - 1, 0) convention). Timing as
+bench_kernels.py (its helpers). Results: OUT_DIR/local_<device tag>.json, rewritten after every
+row, with the device, jax version and commit ($COMMIT when set, else `git rev-parse HEAD`); a
+table prints last.
 Off a GPU (--smoke) the kernel runs interpreted and the dense baselines through XLA.
 """
 
@@ -63,6 +66,7 @@ from benchmarks.bench_kernels import (
     time_prefill_fn,
 )
 from pallas_kernels.local_attention import local_attention, local_attention_reference
+from rtpurbo_jax.dense import cudnn_local_supported, local_attention_cudnn
 
 ON_GPU = jax.default_backend() == "gpu"
 LENGTHS = [32768, 131072, 524288]
@@ -134,6 +138,15 @@ def local_fn(setup: Setup, window: int, sink_tokens: int) -> Callable:
     return attend
 
 
+def cudnn_sinks_fn(window: int, sink_tokens: int) -> Callable:
+    """attend(q, k, v) through cuDNN's window and the merged sinks, every row at full length."""
+    def attend(q, k, v):
+        lengths = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
+        return local_attention_cudnn(q, k, v, lengths, sink_tokens=sink_tokens, window=window)
+
+    return attend
+
+
 def dense_fn(setup: Setup, window: int | None) -> Callable:
     """attend(q, k, v) through dot_product_attention: causal, or the sliding window."""
     local_window = None if window is None else (window - 1, 0)
@@ -180,6 +193,10 @@ def run_checks(setup: Setup, args, result: dict, save: Callable[[], None]) -> No
                               interpret=setup.interpret, **kw)
         ref = local_attention_reference(*f32, lengths, **kw)
         record("local_kernel_vs_reference", window, args.sink_tokens, out, ref)
+        if cudnn_local_supported(q):
+            out = jax.jit(local_attention_cudnn, static_argnames=("sink_tokens", "window"))(
+                q, k, v, lengths, **kw)
+            record("cudnn_sinks_vs_reference", window, args.sink_tokens, out, ref)
         # Row 0 only (full length): the dense baselines' rows past a length are not zeroed.
         ref0 = local_attention_reference(*(x[:1] for x in f32), lengths[:1], sink_tokens=0,
                                          window=window)
@@ -232,6 +249,9 @@ def run_timings(setup: Setup, args, result: dict, save: Callable[[], None]) -> N
         for window in args.windows:
             timed("local_kernel", length, window, args.sink_tokens,
                   local_fn(setup, window, args.sink_tokens), q, k, v)
+            if cudnn_local_supported(q):
+                timed("cudnn_sinks", length, window, args.sink_tokens,
+                      cudnn_sinks_fn(window, args.sink_tokens), q, k, v)
             timed(f"{setup.dense_impl}_window", length, window, 0, dense_fn(setup, window),
                   q, k, v)
         del q, k, v

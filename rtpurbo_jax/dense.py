@@ -11,6 +11,10 @@ Both follow one mask convention, shared with the sparse kernels:
 
 from __future__ import annotations
 
+import functools
+import inspect
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -126,10 +130,87 @@ def dense_attention_cudnn(
         v,
         scale=scale,
         is_causal=causal_from_zero,
-        query_seq_lengths=kv_lengths if causal_from_zero else None,
-        key_value_seq_lengths=kv_lengths,
+        # From zero, a valid query's causal keys are all valid, so the plain causal mask is
+        # exact for right-padded rows (and faster than cuDNN's padding mask); padded queries
+        # are zeroed below.
+        key_value_seq_lengths=None if causal_from_zero else kv_lengths,
         local_window_size=window,
         implementation="cudnn",
     )
+    return _zero_padding(out, q_positions, kv_lengths)
+
+
+def _zero_padding(out: jax.Array, q_positions: jax.Array, kv_lengths: jax.Array) -> jax.Array:
     valid = q_positions < kv_lengths[:, None]
     return jnp.where(valid[:, :, None, None], out, jnp.zeros_like(out))
+
+
+@functools.cache
+def _cudnn_with_log_sum_exp() -> Any:
+    """jax's cuDNN attention module when its entry point returns the softmax's log-sum-exp
+    and takes a sliding window (not public API), else None."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fused
+    except ImportError:
+        return None
+    params = inspect.signature(fused.dot_product_attention).parameters
+    needed = {"return_residual", "sliding_window_length", "mask_type"}
+    return fused if needed <= set(params) and hasattr(fused, "MaskType") else None
+
+
+def cudnn_local_supported(q: jax.Array) -> bool:
+    """Whether sinks + window attention of q can run as cuDNN's window plus merged sinks."""
+    return (cudnn_supported(q) and q.shape[-1] % 8 == 0
+            and _cudnn_with_log_sum_exp() is not None)
+
+
+def merge_sinks(out_window: jax.Array, lse_window: jax.Array, q: jax.Array, k_sinks: jax.Array,
+                v_sinks: jax.Array, window: int, sm_scale: float) -> jax.Array:
+    """Adds the sink keys a sliding window does not hold to the window's attention.
+
+    out_window: [b, t, h, d], attention of queries at positions 0 .. t-1 over the keys in their
+    window (p - window, p]; lse_window: [b, t, h] float32, the log-sum-exp of those scaled
+    scores. k_sinks, v_sinks: [b, s, kv_heads, d], the keys at positions 0 .. s-1. Sink j is
+    added for the queries at p >= j + window (the others hold it in their window already).
+    Returns the attention over window and sinks, like out_window.
+    """
+    b, t, h, d = q.shape
+    s, hkv = k_sinks.shape[1], k_sinks.shape[2]
+    qg = q.reshape(b, t, hkv, h // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->btkgs", qg, k_sinks,
+                        preferred_element_type=jnp.float32).reshape(b, t, h, s) * sm_scale
+    outside = jnp.arange(s)[None, :] + window <= jnp.arange(t)[:, None]  # [t, s]
+    scores = jnp.where(outside[None, :, None], scores, -jnp.inf)
+    top = jnp.maximum(lse_window, jnp.max(scores, axis=-1))  # finite: the window is not empty
+    w_window = jnp.exp(lse_window - top)
+    p_sinks = jnp.exp(scores - top[..., None])  # [b, t, h, s]
+    sink_sum = jnp.einsum("btkgs,bskd->btkgd", p_sinks.reshape(b, t, hkv, h // hkv, s),
+                          v_sinks.astype(jnp.float32)).reshape(b, t, h, d)
+    out = out_window.astype(jnp.float32) * w_window[..., None] + sink_sum
+    return (out / (w_window + jnp.sum(p_sinks, axis=-1))[..., None]).astype(out_window.dtype)
+
+
+def local_attention_cudnn(
+    q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, sink_tokens: int,
+    window: int, sm_scale: float | None = None,
+) -> jax.Array:
+    """Sinks + sliding window attention of a right-padded prompt from position 0 (the local
+    heads' prefill): cuDNN's causal window, which returns its log-sum-exp, and the sinks outside
+    the window merged in (`merge_sinks`). Shapes as `dense_attention_reference`; padded
+    queries output 0. Needs `cudnn_local_supported(q)`."""
+    fused = _cudnn_with_log_sum_exp()
+    scale = _scale(q.shape[-1], sm_scale)
+    # The module's own entry point: jax.nn.dot_product_attention casts the log-sum-exp to
+    # the output's dtype, too coarse in bf16 to weigh the sinks against the window.
+    out, lse = fused.dot_product_attention(
+        q, k, v, scale=scale, mask_type=fused.MaskType.CAUSAL, sliding_window_length=window,
+        return_residual=True)[:2]
+    lse = jnp.swapaxes(lse, 1, 2)  # cuDNN's [b, heads, t] -> [b, t, heads]
+    if sink_tokens:
+        s = min(sink_tokens, k.shape[1])
+        # A sink past a row's length is never merged; zeroed, padding's values can't leak.
+        held = (jnp.arange(s)[None, :] < lengths[:, None])[:, :, None, None]
+        k_s, v_s = (jnp.where(held, x[:, :s], jnp.zeros_like(x[:, :s])) for x in (k, v))
+        out = merge_sinks(out, lse, q, k_s, v_s, window, scale)
+    positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+    return _zero_padding(out, positions, lengths)

@@ -2,7 +2,8 @@
 
 Query heads are split once: retrieval heads R and local heads L (`SparseConfig.retrieval_mask`).
   prefill  R: dense causal attention (cuDNN on GPU), building the full KV cache of their groups;
-           L: attention sinks + a sliding window (`sink_tokens`, `window`), token-exact.
+           L: attention sinks + a sliding window (`sink_tokens`, `window`), token-exact (on a
+              GPU in half precision: cuDNN's window, its log-sum-exp merging the sinks in).
   decode   R: each head scores the cache's key blocks with its own pre-RoPE indexer (or the
               true attention, scorer "oracle") and keeps its top-p set, the sink block and the
               newest blocks forced; the heads of one KV group then attend the union of their
@@ -39,7 +40,11 @@ from rtpurbo_jax.cache import (
     write_parts_at,
 )
 from rtpurbo_jax.config import ModelConfig, SparseConfig
-from rtpurbo_jax.dense import dense_attention_reference
+from rtpurbo_jax.dense import (
+    cudnn_local_supported,
+    dense_attention_reference,
+    local_attention_cudnn,
+)
 from rtpurbo_jax.indexer import indexer_keys
 from rtpurbo_jax.kernels import kernels, use_kernels
 from rtpurbo_jax.model import QKV, head_keys, merge_heads, query_heads, take_heads
@@ -66,7 +71,11 @@ def head_kv_layout(heads: tuple[int, ...], group_size: int, groups: tuple[int, .
 
 def local_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
                   sparse: SparseConfig, backend: str) -> jax.Array:
-    """Sinks + window attention of a right-padded prompt from position 0 (GQA shapes)."""
+    """Sinks + window attention of a right-padded prompt from position 0 (GQA shapes): on a
+    GPU in half precision cuDNN's window with the sinks merged in, else the local kernel."""
+    if backend != "reference" and cudnn_local_supported(q):
+        return local_attention_cudnn(q, k, v, lengths, sink_tokens=sparse.sink_tokens,
+                                     window=sparse.window)
     if use_kernels(backend):
         return kernels(backend).local_attention(q, k, v, lengths, sink_tokens=sparse.sink_tokens,
                                                 window=sparse.window, block_q=sparse.block_q,

@@ -16,6 +16,7 @@ from pallas_kernels.local_attention import (
     local_attention_reference,
     window_block_lists,
 )
+from rtpurbo_jax.dense import merge_sinks
 
 # Largest |kernel - reference| allowed, relative to max |reference|, per input dtype: float32
 # differs only by summation order; bf16 rounds the probabilities before the P @ V product.
@@ -196,6 +197,52 @@ def test_kernel_window_at_least_seq_is_causal_attention():
     with jax.default_matmul_precision("highest"):
         causal = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     assert_close(out, causal, case.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# cuDNN's window + merged sinks (the GPU's prefill path): the merge, against the definition
+# ----------------------------------------------------------------------------------------------
+
+def window_attention_with_lse(q, k, v, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """What cuDNN's causal sliding window returns, in float64: the attention over (p - window,
+    p] ([B, T, H, D]) and the log-sum-exp of its scaled scores ([B, T, H])."""
+    q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    t = np.arange(q.shape[1])
+    visible = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
+    s = np.where(visible, np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1]), -np.inf)
+    lse = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)  # [B, H, T]
+    out = np.einsum("bhts,bshd->bthd", np.exp(s - lse[..., None]), v)
+    return out, np.moveaxis(lse, 1, 2)
+
+
+MERGE_CASES = [
+    # G = 4, the window shorter than the prompt: the later queries get the sinks merged.
+    Case(30, 2, 300, 8, 2, 32, window=64, sink_tokens=4, lengths=(300, 211)),
+    # G = 3 (the default model), bf16, one sink, a window of one block.
+    Case(31, 2, 200, 9, 3, 64, window=16, sink_tokens=1, lengths=(200, 129),
+         dtype=jnp.bfloat16),
+    # The window holds every query's keys: nothing to merge.
+    Case(32, 1, 96, 4, 1, 16, window=128, sink_tokens=4, lengths=(96,)),
+    # Sinks past the window's start: only the first ones are outside it for early queries.
+    Case(33, 1, 120, 4, 2, 16, window=5, sink_tokens=40, lengths=(120,)),
+]
+
+
+@pytest.mark.parametrize("case", MERGE_CASES, ids=case_id)
+def test_merge_sinks_gives_sinks_plus_window(case):
+    q, k, v, lengths = make_inputs(case)
+    k, v = (jnp.nan_to_num(x) for x in (k, v))  # the model's padded keys are finite
+    out_w, lse = window_attention_with_lse(q, k, v, case.window)
+    s = case.sink_tokens
+    out = merge_sinks(jnp.asarray(out_w, case.dtype), jnp.asarray(lse, jnp.float32), q,
+                      k[:, :s], v[:, :s], case.window, case.head_dim**-0.5)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    mask = naive_mask(case.seq, lengths, window=case.window, sink_tokens=s)
+    valid = np.arange(case.seq)[None, :] < np.asarray(lengths)[:, None]
+    ref = naive_attention(q, k, v, mask)
+    assert_close(np.asarray(jnp.asarray(out, jnp.float32))[valid], ref[valid], case.dtype)
 
 
 def test_window_must_be_positive():
