@@ -176,18 +176,25 @@ def merge_sinks(out_window: jax.Array, lse_window: jax.Array, q: jax.Array, k_si
     """
     b, t, h, d = q.shape
     s, hkv = k_sinks.shape[1], k_sinks.shape[2]
-    qg = q.reshape(b, t, hkv, h // hkv, d)
-    scores = jnp.einsum("btkgd,bskd->btkgs", qg, k_sinks,
-                        preferred_element_type=jnp.float32).reshape(b, t, h, s) * sm_scale
+    g = h // hkv
+    f32 = jnp.float32
+    # Products and sums over the few sinks instead of matmuls: XLA fuses them into one pass over
+    # q (the scores) and one over the window's output (the merge), with nothing of q's size
+    # materialised between.
+    k_s = jnp.swapaxes(k_sinks, 1, 2)[:, None, :, None].astype(f32)  # [b, 1, hkv, 1, s, d]
+    qg = q.reshape(b, t, hkv, g, 1, d).astype(f32)
+    scores = jnp.sum(qg * k_s, axis=-1) * sm_scale  # [b, t, hkv, g, s]
     outside = jnp.arange(s)[None, :] + window <= jnp.arange(t)[:, None]  # [t, s]
-    scores = jnp.where(outside[None, :, None], scores, -jnp.inf)
-    top = jnp.maximum(lse_window, jnp.max(scores, axis=-1))  # finite: the window is not empty
-    w_window = jnp.exp(lse_window - top)
-    p_sinks = jnp.exp(scores - top[..., None])  # [b, t, h, s]
-    sink_sum = jnp.einsum("btkgs,bskd->btkgd", p_sinks.reshape(b, t, hkv, h // hkv, s),
-                          v_sinks.astype(jnp.float32)).reshape(b, t, h, d)
-    out = out_window.astype(jnp.float32) * w_window[..., None] + sink_sum
-    return (out / (w_window + jnp.sum(p_sinks, axis=-1))[..., None]).astype(out_window.dtype)
+    scores = jnp.where(outside[None, :, None, None], scores, -jnp.inf)
+    lse = lse_window.reshape(b, t, hkv, g)
+    top = jnp.maximum(lse, jnp.max(scores, axis=-1))  # finite: the window is never empty
+    w_window = jnp.exp(lse - top)
+    p_sinks = jnp.exp(scores - top[..., None])
+    out = out_window.reshape(b, t, hkv, g, d).astype(f32) * w_window[..., None]
+    for j in range(s):
+        out = out + p_sinks[..., j, None] * v_sinks[:, j][:, None, :, None].astype(f32)
+    out = out / (w_window + jnp.sum(p_sinks, axis=-1))[..., None]
+    return out.reshape(b, t, h, d).astype(out_window.dtype)
 
 
 def local_attention_cudnn(
