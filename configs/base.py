@@ -73,6 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
         # The loss's share on the positions that predict task answers (the rest: the mean over
         # every position). The paper's loss is on each dialogue's response tokens only (1.0).
         answer_weight=0.0,
+        # > 0: adds this weight times the KL of the student run densely (anchors the weights).
+        dense_anchor=0.0,
         checkpoint_every=100, keep_checkpoints=2,
         # Without stage 1 in train.stages: the sparse checkpoint to start from (default: the
         # run directory's sparse/).

@@ -51,12 +51,14 @@ class Stage2Spec:
     compute_dtype: str = "bfloat16"
     backend: str = "auto"  # the teacher's dense attention (no gradient through it)
     answer_weight: float = 0.0  # the loss's share on task answers (self_distill)
+    dense_anchor: float = 0.0  # weight of the student's dense-mode KL added to the loss
 
     @classmethod
     def from_config(cls, distill: Any, backend: str) -> Stage2Spec:
         return cls(loss=distill.loss, top_k=distill.top_k, lora_rank=distill.lora_rank,
                    lora_alpha=distill.lora_alpha, compute_dtype=distill.compute_dtype,
-                   backend=backend, answer_weight=distill.answer_weight)
+                   backend=backend, answer_weight=distill.answer_weight,
+                   dense_anchor=distill.dense_anchor)
 
 
 def check_distill(distill: Any, config: ModelConfig) -> None:
@@ -78,6 +80,8 @@ def check_distill(distill: Any, config: ModelConfig) -> None:
     if not 0.0 <= distill.answer_weight <= 1.0:
         raise ConfigError(f"distill.answer_weight must be in [0, 1], got "
                           f"{distill.answer_weight}")
+    if distill.dense_anchor < 0.0:
+        raise ConfigError(f"distill.dense_anchor must be >= 0, got {distill.dense_anchor}")
     check_lora(distill.lora_rank, tuple(distill.lora_targets))
     try:
         jnp.dtype(distill.compute_dtype)
@@ -145,20 +149,31 @@ def stage2_loss(
     trainable: the float32 master weights (full fine-tune) or the LoRA adapters; teacher: the
     frozen original weights in the compute dtype; cached: the teacher's top-k logits and ids
     when precomputed, else None (computed here, dense). Gradients reach `trainable` only.
+    With spec.dense_anchor > 0 the loss adds that weight times the same KL for the student in
+    dense mode: it holds the shared weights to the teacher's function where the sparse loss
+    says nothing, e.g. prompts that the local heads' window holds whole.
     """
     teacher = jax.lax.stop_gradient(teacher)
     params = student_params(trainable, teacher, spec)
-    student = training_hidden(params, tokens, lengths, config, sparse,
-                              jax.lax.stop_gradient(indexer))
     if spec.loss == "full":
         hidden = jax.lax.stop_gradient(hidden_states(teacher, tokens, lengths, config,
                                                      spec.backend))
-        return full_loss(params, teacher, hidden, student, lengths, config, answer_spans,
-                         spec.answer_weight)
-    values, ids = cached if cached is not None else teacher_signal(teacher, tokens, lengths,
-                                                                   config, spec)
-    return top_k_loss(params, student, values, ids, lengths, config, answer_spans,
-                      spec.answer_weight)
+
+        def kl(student: jax.Array) -> jax.Array:
+            return full_loss(params, teacher, hidden, student, lengths, config, answer_spans,
+                             spec.answer_weight)
+    else:
+        values, ids = cached if cached is not None else teacher_signal(teacher, tokens,
+                                                                       lengths, config, spec)
+
+        def kl(student: jax.Array) -> jax.Array:
+            return top_k_loss(params, student, values, ids, lengths, config, answer_spans,
+                              spec.answer_weight)
+    loss = kl(training_hidden(params, tokens, lengths, config, sparse,
+                              jax.lax.stop_gradient(indexer)))
+    if spec.dense_anchor:
+        loss = loss + spec.dense_anchor * kl(training_hidden(params, tokens, lengths, config))
+    return loss
 
 
 # ---------------------------------------------------------------------------- sharding

@@ -93,6 +93,26 @@ def test_fresh_adapters_change_nothing():
         float(_loss(teacher, teacher, sparse, _spec())), rel=1e-6)
 
 
+@pytest.mark.parametrize("loss", ["top_k", "full"])
+def test_dense_anchor_adds_the_dense_students_kl(loss):
+    teacher = tiny_model().params
+    # Moved weights, so that the dense student differs from the teacher.
+    leaves, tree = jax.tree.flatten(teacher)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    moved = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                      for x, k in zip(leaves, keys, strict=True)])
+    sparse = _paper(SPARSE_HEADS, top_p=0.5)
+    plain = float(_loss(moved, teacher, sparse, _spec(loss=loss)))
+    anchored = float(_loss(moved, teacher, sparse, _spec(loss=loss, dense_anchor=0.5)))
+    # The dense student's KL alone: every head a retrieval head at p = 1 is dense attention.
+    dense = float(_loss(moved, teacher, _paper(ALL_HEADS, top_p=1.0), _spec(loss=loss)))
+    assert dense > 1e-3
+    assert anchored == pytest.approx(plain + 0.5 * dense, rel=1e-4)
+    # At the teacher's weights the anchor adds nothing.
+    assert float(_loss(teacher, teacher, sparse, _spec(loss=loss, dense_anchor=0.5))) == (
+        pytest.approx(float(_loss(teacher, teacher, sparse, _spec(loss=loss))), rel=1e-6))
+
+
 def test_cached_teacher_equals_live_and_is_reused(tmp_path):
     teacher = tiny_model().params
     sparse, spec = _paper(SPARSE_HEADS, top_p=0.5), _spec()
@@ -203,6 +223,7 @@ def test_bad_configs_give_one_clear_error_each():
         (dict(lora_rank=4, lora_targets=("wq", "lm_head")), "are not adaptable weights"),
         (dict(compute_dtype="float12"), "is not a dtype"),
         (dict(answer_weight=1.5), "answer_weight must be in"),
+        (dict(dense_anchor=-0.5), "dense_anchor must be >= 0"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
