@@ -28,8 +28,9 @@ the functions the model calls (`attention.prefill_attend` / `decode_attend`, jit
          timing (the row's impl says which); prefill causal, decode one query over the whole
          cache (is_causal=False). Off a GPU the math backend stands in (the impl says so). No
          FA2 rows, with a printed note, when torch is not importable;
-  paper  prefill: retrieval heads dense through cuDNN, local heads through the block-sparse
-         kernel (`paper_attention.layer_prefill`); decode: each retrieval head's pre-RoPE indexer
+  paper  prefill: retrieval heads dense through cuDNN, local heads through cuDNN's window with
+         the sinks merged in (the local kernel where cuDNN can't:
+         `paper_attention.layer_prefill`); decode: each retrieval head's pre-RoPE indexer
          top-p selection (the indexer kernels), the sparse decode kernel over the union of the
          group's blocks, and the local heads over their sinks + window ring (`layer_decode`).
 Prefill: one prompt (batch 1) of `length` tokens, random q/k/v (no design's cost depends on the
