@@ -33,17 +33,23 @@ def base_config() -> ml_collections.ConfigDict:
         mask_file="",  # a JSON with "retrieval_mask" (e.g. a heads.json): skips calibration
         # "tasks": needle mass of retrieval-task answers, per KV head; "needle": the paper's
         # Eq. 3 on a real document with a repeated span, per query head; "gates": per query
-        # head, learnt gates between causal and window attention under the rule's budget.
+        # head, learnt gates between causal and window attention under the rule's budget;
+        # "ablation": KV groups ("query" granularity: query heads) ranked by backward
+        # elimination of what their window costs the output (rtpurbo_jax/head_gates.py).
         method="tasks",
         # Design "paper": single query heads, whole "kv" groups, or "both" (indexers for either
         # choice, so tune.py compares the two routings without retraining).
         granularity="query",
         tasks=("passkey", "niah_multikey"), length=4096, samples=8, batch_size=4,
         needle_tokens=64, documents=1,  # method "needle": span length, documents averaged
-        # Method "gates" (design "paper"): batches of `length` tokens (batch_size each) of
-        # text and tasks, task samples min_task_len..length long; the KL's share on answers.
+        # Methods "gates" and "ablation" (design "paper"): batches of `length` tokens
+        # (batch_size each) of text and tasks, task samples gate_min_task_len..length long;
+        # the KL's share on answers. Gates: gate_steps Adam steps. Ablation: the KL averaged
+        # over ablation_batches fixed batches; each round moves ablation_round_share of the
+        # units left.
         gate_steps=100, gate_learning_rate=0.02, gate_answer_weight=0.5,
         gate_min_task_len=1024, gate_dtype="bfloat16",
+        ablation_batches=2, ablation_round_share=0.15,
         rule="threshold",  # "threshold" | "fraction" | "count"
         rule_value=0.1,
     ))
@@ -91,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
         train=dict(steps=12, seq_len=1024, batch_size=1, warmup_steps=3, checkpoint_every=4,
                    calibration_windows=2),
         heads=dict(length=1024, samples=2, batch_size=2, needle_tokens=32, gate_steps=3,
-                   gate_min_task_len=256, gate_dtype="float32"),
+                   gate_min_task_len=256, gate_dtype="float32", ablation_batches=1),
         distill=dict(steps=4, seq_len=512, batch_size=1, warmup_steps=1, checkpoint_every=2,
                      compute_dtype="float32"),
     ))

@@ -8,9 +8,11 @@ selection covers the true attention.
 
 Heads are calibrated by `heads.method`: "needle" (the paper's Eq. 3: attention from a repeated
 span to its first copy, per query head), "tasks" (attention on the needles of retrieval-task
-answers, per KV head) or "gates" (design "paper": per query head, what its window costs the
-output, `head_gates`). The design decides the granularity of the mask: KV heads ("indexer") or
-query heads ("paper", choosing single heads or whole KV groups by `heads.granularity`).
+answers, per KV head), "gates" (design "paper": per query head, what its window costs the
+output, learnt under a budget, `head_gates`) or "ablation" (design "paper": the same cost,
+measured by backward elimination of KV groups or query heads, `head_gates`). The design
+decides the granularity of the mask: KV heads ("indexer") or query heads ("paper", choosing
+single heads or whole KV groups by `heads.granularity`).
 """
 
 from __future__ import annotations
@@ -54,14 +56,19 @@ CALIBRATION_ROWS = 16384
 # Separates the calibration text's random stream from the training data's.
 CALIBRATION_STREAM = 7
 RULES = ("threshold", "fraction", "count")
-METHODS = ("needle", "tasks", "gates")
+METHODS = ("needle", "tasks", "gates", "ablation")
+# The methods that weigh the paper design's local window and rank heads under a budget.
+WINDOW_METHODS = ("gates", "ablation")
 # Separates the needle documents' random stream from the other calibration streams.
 NEEDLE_STREAM = 11
 # What a profile's heatmap shows, per method.
 SCORE_LABELS = {"needle": NEEDLE_SCORE_LABEL,
                 "gates": "gate: share of causal attention in the head's output\n(learnt under "
-                         "the budget to keep the dense model's outputs)"}
-# The gates' training examples: a stream of their own (stage 1's is None, stage 2's 2).
+                         "the budget to keep the dense model's outputs)",
+                "ablation": "elimination rank (1: the last moved to its window;\nbackward "
+                            "elimination of KL(dense || model))"}
+# The gates' and the ablation's examples: a stream of their own (stage 1's is None, stage 2's
+# 2).
 GATE_STREAM = 13
 
 _collect_qk = jax.jit(collect_qk, static_argnames=("config", "backend"))
@@ -191,9 +198,6 @@ def gate_calibration(model: SparseModel, heads: Any, seed: int, tokenizer: Any, 
     from rtpurbo_jax.head_gates import train_gates
 
     config = model.config
-    if heads.rule == "threshold":
-        raise ConfigError("heads.method='gates' ranks heads under a budget: set heads.rule to "
-                          "'fraction' or 'count'")
     budget = (float(heads.rule_value) if heads.rule == "fraction"
               else int(heads.rule_value) / (config.num_layers * config.num_heads))
     batches = training_dataset(tokenizer, data, seq_len=heads.length,
@@ -214,13 +218,40 @@ def gate_calibration(model: SparseModel, heads: Any, seed: int, tokenizer: Any, 
                    "final_loss": losses[-1]}
 
 
+def ablation_calibration(model: SparseModel, heads: Any, seed: int, tokenizer: Any, sparse: Any,
+                         data: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """Every query head's rank in `head_gates.ablation_scores`' elimination of whole KV groups
+    (heads.granularity "kv" or "both") or single query heads ("query"): [layers, heads], and
+    what it ran on."""
+    from rtpurbo_jax.data import training_dataset
+    from rtpurbo_jax.head_gates import ablation_scores
+
+    config = model.config
+    batches = training_dataset(tokenizer, data, seq_len=heads.length,
+                               batch_size=heads.batch_size, steps=heads.ablation_batches,
+                               seed=seed, stream=GATE_STREAM,
+                               min_task_len=heads.gate_min_task_len)
+    params = jax.tree.map(lambda x: x.astype(heads.gate_dtype), model.params)
+    unit = 1 if heads.granularity == "query" else config.group_size
+    scores, info = ablation_scores(params, config, list(batches), unit=unit,
+                                   window=sparse.window, sink_tokens=sparse.sink_tokens,
+                                   answer_weight=heads.gate_answer_weight,
+                                   round_share=heads.ablation_round_share,
+                                   backend=model.backend, progress=True)
+    return scores, {"method": "ablation", "length": heads.length,
+                    "batches": heads.ablation_batches, "batch_size": heads.batch_size,
+                    "answer_weight": heads.gate_answer_weight,
+                    "min_task_len": heads.gate_min_task_len, "window": sparse.window,
+                    "sink_tokens": sparse.sink_tokens, **info}
+
+
 def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path,
                    design: str = "indexer", *, sparse: Any = None, data: Any = None
                    ) -> tuple[tuple[bool, ...], ...]:
     """The mask from heads.mask_file, from an earlier calibration in run_dir, or calibrated now
     (written to run_dir/heads.json and heads.png): [layers][kv_heads] for design "indexer",
-    [layers][query heads] for design "paper". Method "gates" needs the sparse config (its
-    window) and the data config."""
+    [layers][query heads] for design "paper". Methods "gates" and "ablation" need the sparse
+    config (its window) and the data config."""
     if heads.mask_file:
         if not Path(heads.mask_file).exists():
             raise FileNotFoundError(f"heads.mask_file {heads.mask_file} does not exist")
@@ -231,13 +262,19 @@ def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path,
         raise ValueError(f"heads.method must be one of {METHODS}, got {heads.method!r}")
     rule, tokenizer, config = _rule(heads), task_tokenizer(model), model.config
     tick = time.perf_counter()
-    if heads.method == "gates" and design != "paper":
-        raise ConfigError("heads.method='gates' weighs the paper design's local window: set "
-                          "sparse.design='paper' or another heads.method")
-    if heads.method in ("needle", "gates"):
-        scores, info = (needle_calibration(model, heads, seed, tokenizer)
-                        if heads.method == "needle" else
-                        gate_calibration(model, heads, seed, tokenizer, sparse, data))
+    if heads.method in WINDOW_METHODS and design != "paper":
+        raise ConfigError(f"heads.method={heads.method!r} weighs the paper design's local window: "
+                          "set sparse.design='paper' or another heads.method")
+    if heads.method in WINDOW_METHODS and heads.rule == "threshold":
+        raise ConfigError(f"heads.method={heads.method!r} ranks heads under a budget: set "
+                          "heads.rule to 'fraction' or 'count'")
+    if heads.method != "tasks":
+        calibrate = {"needle": lambda: needle_calibration(model, heads, seed, tokenizer),
+                     "gates": lambda: gate_calibration(model, heads, seed, tokenizer, sparse,
+                                                       data),
+                     "ablation": lambda: ablation_calibration(model, heads, seed, tokenizer,
+                                                              sparse, data)}
+        scores, info = calibrate[heads.method]()
         info.update(rule, design=design, granularity=heads.granularity)
         if design == "paper":
             mask = choose_query_heads(scores, config.group_size, granularity=heads.granularity,

@@ -1,6 +1,7 @@
-"""Head gates (heads.method "gates"): the budget projection is the Euclidean projection, the
-gated model is dense at 1 and windowed at 0, the gates find the heads that matter, and the
-conversion writes their profile."""
+"""Head gates (heads.method "gates") and backward elimination ("ablation"): the budget
+projection is the Euclidean projection, the gated model is dense at 1 and windowed at 0, the
+gates and the elimination find the heads that matter, and the conversion writes their
+profile."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ from rtpurbo_jax.config import ConfigError
 from rtpurbo_jax.convert import run_conversion
 from rtpurbo_jax.dense import masked_softmax_attention, visible_keys
 from rtpurbo_jax.generate import training_hidden
-from rtpurbo_jax.head_gates import gate_loss, gated_attend, project_to_budget, train_gates
+from rtpurbo_jax.head_gates import (
+    ablation_scores,
+    eliminate,
+    elimination_rounds,
+    gate_loss,
+    gated_attend,
+    project_to_budget,
+    train_gates,
+)
 from rtpurbo_jax.model import decoder
 from tests.tiny import TINY, tiny_model
 
@@ -76,16 +85,22 @@ def _loss(params, alpha, tokens, lengths):
                            backend="reference"))
 
 
-def test_gates_find_the_heads_whose_window_matters():
-    """Every head but two writes nothing (its output projection is zero): only the two can
-    change the output, so a budget of two heads goes to them and the loss falls to ~0."""
-    model = tiny_model()
-    params = jax.tree.map(lambda x: x, model.params)
-    live = {(0, 1), (1, 2)}
+def _only_live(live):
+    """The tiny model's params with every head but `live` ((layer, head) pairs) writing
+    nothing (its output projection zero)."""
+    params = jax.tree.map(lambda x: x, tiny_model().params)
     for layer in range(TINY.num_layers):
         for head in range(TINY.num_heads):
             if (layer, head) not in live:
                 params["layers"][layer]["wo"] = params["layers"][layer]["wo"].at[head].set(0.0)
+    return params
+
+
+def test_gates_find_the_heads_whose_window_matters():
+    """Every head but two writes nothing: only the two can change the output, so a budget of
+    two heads goes to them and the loss falls to ~0."""
+    live = {(0, 1), (1, 2)}
+    params = _only_live(live)
     tokens, lengths = _batch()
     batches = [{"tokens": tokens, "length": lengths, "answer_span": np.zeros((2, 2), np.int32)}
                ] * 30
@@ -99,6 +114,64 @@ def test_gates_find_the_heads_whose_window_matters():
     assert top == live
     assert losses[0] > 0 and losses[-1] < 0.1 * losses[0]
     assert _loss(params, jnp.asarray(gates, jnp.float32), tokens, lengths) < 0.1 * losses[0]
+
+
+@pytest.mark.parametrize("share", [0.1, 0.3, 1.0])
+def test_elimination_moves_the_cheapest_first(share):
+    """Costs that add up: the order is the units by cost, whatever the round size, and each
+    unit's marginal cost is its own."""
+    weights = np.random.default_rng(4).permutation(np.arange(1.0, 13.0))
+    calls = []
+    order, marginal = eliminate(lambda kept: float(weights[~kept].sum()), 12, share,
+                                step=lambda: calls.append(1))
+    np.testing.assert_array_equal(order, np.argsort(weights))
+    np.testing.assert_allclose(marginal, weights)
+    rounds = elimination_rounds(12, share)
+    assert sum(rounds) == 12 and len(calls) == sum(1 + 12 - sum(rounds[:i])
+                                                   for i in range(len(rounds)))
+
+
+def test_elimination_keeps_one_of_two_heads_that_cover_for_each_other():
+    """Units 2 and 5 each suffice (the cost is 1 only when both are moved) and every other unit
+    costs a little: one ablation from the dense model rates both free; elimination moves one of
+    them first and keeps the other to the end."""
+    small = np.linspace(0.01, 0.05, 8)
+    small[[2, 5]] = 0.0
+
+    def cost(kept):
+        return float(small[~kept].sum() + (not kept[2] and not kept[5]))
+
+    order, marginal = eliminate(cost, 8, 0.1)
+    assert order[0] == 2 and order[-1] == 5 and marginal[5] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("unit, live", [(1, {(0, 1), (1, 2)}), (2, {(0, 2), (0, 3), (1, 0)})])
+def test_ablation_ranks_the_heads_whose_window_matters_last(unit, live):
+    """Only the live heads write: the units holding them are moved last. The first unit moved
+    is the one whose own ablation costs least, as gate_loss measures it."""
+    params = _only_live(live)
+    tokens, lengths = _batch()
+    spans = np.zeros((2, 2), np.int32)
+    scores, info = ablation_scores(params, TINY, [{"tokens": tokens, "length": lengths,
+                                                   "answer_span": spans}],
+                                   unit=unit, window=WINDOW, sink_tokens=SINKS,
+                                   answer_weight=0.0, round_share=0.25, backend="reference")
+    units = TINY.num_layers * TINY.num_heads // unit
+    assert scores.shape == (TINY.num_layers, TINY.num_heads) and info["units"] == units
+    np.testing.assert_array_equal(scores, np.repeat(scores[:, ::unit], unit, axis=1))
+    live_units = {(layer, head // unit) for layer, head in live}
+    top = {divmod(int(j), TINY.num_heads // unit)
+           for j in np.argsort(-scores[:, ::unit], axis=None)[:len(live_units)]}
+    assert top == live_units
+    singles = []
+    for j in range(units):
+        alpha = np.ones((TINY.num_layers, TINY.num_heads), np.float32)
+        layer, u = divmod(j, TINY.num_heads // unit)
+        alpha[layer, u * unit:(u + 1) * unit] = 0.0
+        singles.append(_loss(params, jnp.asarray(alpha), tokens, lengths))
+    assert singles[info["order"][0]] == pytest.approx(min(singles), abs=1e-6)
+    assert info["local_kl"] == pytest.approx(
+        _loss(params, jnp.zeros((TINY.num_layers, TINY.num_heads)), tokens, lengths), rel=1e-4)
 
 
 def test_bad_budget_fails_clearly():
@@ -123,19 +196,43 @@ def test_conversion_with_gates_writes_their_profile(tmp_path):
     assert (tmp_path / "heads.png").exists()
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(rule="threshold", rule_value=0.1), "budget"),
-])
-def test_gates_need_a_budget_rule(tmp_path, changes, message):
+def test_conversion_with_ablation_writes_its_profile(tmp_path):
+    config = tiny.get_config()
+    config.sparse.update(design="paper", window=64, sink_blocks=1, local_blocks=1)
+    config.heads.update(method="ablation", granularity="kv", rule="fraction", rule_value=0.5,
+                        length=256, batch_size=1, ablation_batches=1, gate_min_task_len=240)
+    config.train.update(steps=1, loss_level="token", teacher_top_p=1.0)
+    summary = run_conversion(config, tmp_path)
+    heads = json.loads((tmp_path / "heads.json").read_text())
+    info = heads["info"]
+    assert info["method"] == "ablation" and info["unit_heads"] == 2 and info["window"] == 64
+    assert sorted(info["order"]) == list(range(4)) and np.isfinite(info["local_kl"])
+    score = np.asarray(heads["score"])
+    assert score.shape == (2, 4)
+    np.testing.assert_allclose(sorted(score[:, ::2].ravel()), [0, 1 / 3, 2 / 3, 1], atol=1e-6)
+    mask = np.asarray(heads["retrieval_mask"])
+    np.testing.assert_array_equal(mask, score >= 2 / 3)
+    assert summary["retrieval_fraction"] == 0.5 and heads["kv_group_fraction"] == 0.5
+    assert (tmp_path / "heads.png").exists()
+
+
+@pytest.mark.parametrize("method", ["gates", "ablation"])
+def test_window_methods_need_a_budget_rule(tmp_path, method):
     config = tiny.get_config()
     config.sparse.update(design="paper", window=64)
-    config.heads.update(method="gates", **changes)
-    with pytest.raises(ConfigError, match=message):
+    config.heads.update(method=method, rule="threshold", rule_value=0.1)
+    with pytest.raises(ConfigError, match="budget"):
         run_conversion(config, tmp_path)
 
 
-def test_gates_need_the_paper_design(tmp_path):
+@pytest.mark.parametrize("method", ["gates", "ablation"])
+def test_window_methods_need_the_paper_design(tmp_path, method):
     config = tiny.get_config()
-    config.heads.update(method="gates", rule="fraction", rule_value=0.5)
+    config.heads.update(method=method, rule="fraction", rule_value=0.5)
     with pytest.raises(ConfigError, match="design='paper'"):
         run_conversion(config, tmp_path)
+
+
+def test_bad_round_share_fails_clearly():
+    with pytest.raises(ValueError, match="round share"):
+        elimination_rounds(10, 0.0)
