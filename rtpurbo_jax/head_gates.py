@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from rtpurbo_jax.config import ModelConfig
+from rtpurbo_jax.dense import cudnn_local_supported, dense_attention_cudnn, local_attention_cudnn
 from rtpurbo_jax.generate import hidden_states
 from rtpurbo_jax.model import AttendFn, Params, decoder
 from rtpurbo_jax.self_distill import full_loss
@@ -50,14 +51,30 @@ from rtpurbo_jax.train_attention import causal_attention
 PROJECTION_STEPS = 40
 
 
+def causal_and_local(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
+                     window: int, sink_tokens: int, backend: str = "reference"
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Every head's causal and sinks + window attention of right-padded rows from position 0
+    (GQA shapes). backend "reference": the training path (differentiable in all of q, k, v);
+    otherwise, on a GPU in half precision, cuDNN's inference kernels (forward only: the
+    ablation's path, where the training path's query chunks run one after another)."""
+    if backend != "reference" and cudnn_local_supported(q):
+        positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+        return (dense_attention_cudnn(q, k, v, positions, lengths, causal_from_zero=True),
+                local_attention_cudnn(q, k, v, lengths, sink_tokens=sink_tokens,
+                                      window=window))
+    return (causal_attention(q, k, v, lengths),
+            causal_attention(q, k, v, lengths, window=window, sink_tokens=sink_tokens))
+
+
 def gated_attend(config: ModelConfig, lengths: jax.Array, alpha: jax.Array, *, window: int,
-                 sink_tokens: int) -> AttendFn:
-    """An `attend` mixing every query head's causal and sinks + window outputs by its gate."""
+                 sink_tokens: int, backend: str = "reference") -> AttendFn:
+    """An `attend` mixing every query head's causal and sinks + window outputs by its gate
+    (`causal_and_local` with `backend`)."""
 
     def attend(i: int, qkv: Any, state: Any):
-        full = causal_attention(qkv.q, qkv.k, qkv.v, lengths)
-        local = causal_attention(qkv.q, qkv.k, qkv.v, lengths, window=window,
-                                 sink_tokens=sink_tokens)
+        full, local = causal_and_local(qkv.q, qkv.k, qkv.v, lengths, window=window,
+                                       sink_tokens=sink_tokens, backend=backend)
         gate = alpha[i].astype(full.dtype)[None, None, :, None]
         # Exactly the causal output at 1 and the windowed one at 0.
         return gate * full + (1 - gate) * local, None
@@ -67,12 +84,14 @@ def gated_attend(config: ModelConfig, lengths: jax.Array, alpha: jax.Array, *, w
 
 def gated_kl(alpha: jax.Array, params: Params, teacher: jax.Array, tokens: jax.Array,
              lengths: jax.Array, answer_spans: jax.Array, *, config: ModelConfig, window: int,
-             sink_tokens: int, answer_weight: float) -> jax.Array:
+             sink_tokens: int, answer_weight: float, backend: str = "reference") -> jax.Array:
     """KL(dense || gated) over the vocabulary (`self_distill.full_loss`'s mean), given the
-    dense model's final hidden states `teacher` [batch, seq, embed]."""
+    dense model's final hidden states `teacher` [batch, seq, embed]; attention through
+    `causal_and_local` with `backend`."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    attend = gated_attend(config, lengths, alpha, window=window, sink_tokens=sink_tokens)
+    attend = gated_attend(config, lengths, alpha, window=window, sink_tokens=sink_tokens,
+                          backend=backend)
     student, _ = decoder(params, tokens, positions, config, attend, [None] * config.num_layers)
     return full_loss(params, params, teacher, student, lengths, config, answer_spans,
                      answer_weight)
@@ -209,7 +228,8 @@ def ablation_scores(params: Params, config: ModelConfig, batches: Sequence[dict[
     layers, per_layer = config.num_layers, config.num_heads // unit
     units = layers * per_layer
     teach = jax.jit(hidden_states, static_argnames=("config", "backend"))
-    kl = jax.jit(gated_kl, static_argnames=("config", "window", "sink_tokens", "answer_weight"))
+    kl = jax.jit(gated_kl, static_argnames=("config", "window", "sink_tokens", "answer_weight",
+                                            "backend"))
     data = []
     for batch in batches:
         tokens, lengths = jnp.asarray(batch["tokens"]), jnp.asarray(batch["length"])
@@ -220,7 +240,8 @@ def ablation_scores(params: Params, config: ModelConfig, batches: Sequence[dict[
         alpha = jnp.asarray(np.repeat(kept.reshape(layers, per_layer), unit, axis=1),
                             jnp.float32)
         return sum(float(kl(alpha, params, *d, config=config, window=window,
-                            sink_tokens=sink_tokens, answer_weight=answer_weight))
+                            sink_tokens=sink_tokens, answer_weight=answer_weight,
+                            backend=backend))
                    for d in data) / len(data)
 
     rounds = elimination_rounds(units, round_share)
