@@ -56,6 +56,8 @@ CALIBRATION_ROWS = 16384
 # Separates the calibration text's random stream from the training data's.
 CALIBRATION_STREAM = 7
 RULES = ("threshold", "fraction", "count")
+# Where the profiling CLI writes when --out is not given.
+DEFAULT_PROFILE_PREFIX = "results/profile/model"
 METHODS = ("needle", "tasks", "gates", "ablation")
 # The methods that weigh the paper design's local window and rank heads under a budget.
 WINDOW_METHODS = ("gates", "ablation")
@@ -542,6 +544,13 @@ def compare_profiles(paths: Sequence[str], out: str) -> dict[str, Any]:
     return report
 
 
+def comparison_prefix(paths: Sequence[str]) -> str:
+    """Where `--compare A B` writes by default: named for the folders holding the profiles (each
+    run writes its profile as heads.json), so two comparisons don't overwrite each other."""
+    a, b = (Path(p).resolve().parent.name for p in paths)
+    return str(Path(DEFAULT_PROFILE_PREFIX).parent / f"{a}_vs_{b}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Profile a model's heads and measure its SVD-initialised indexer, or (with --sparse)
     measure a trained sparse checkpoint's selection at several top-p, or (with --compare)
@@ -561,15 +570,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                         default=[0.9], help="comma-separated; the first one without --sparse")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results/profile/model", help="output path prefix")
+    parser.add_argument("--out", default=None,
+                        help="output path prefix (default: results/profile/model, or with "
+                             "--compare results/profile/<folder of A>_vs_<folder of B>)")
     parser.add_argument("--compare", nargs=2, metavar="HEADS_JSON", default=None,
                         help="compare two head profiles' rankings of the KV heads (no model)")
     args = parser.parse_args(argv)
     if args.compare:
-        for row in compare_profiles(args.compare, args.out)["agreement"]:
+        out = args.out or comparison_prefix(args.compare)
+        for row in compare_profiles(args.compare, out)["agreement"]:
             print(f"top {row['top']}: Spearman {row['spearman']:.3f}, overlap "
                   f"{row['top_overlap']:.3f}")
+        print(f"written: {Path(out).with_suffix('.json')}")
         return
+    args.out = args.out or DEFAULT_PROFILE_PREFIX
     model = load(args.source)
     if args.sparse:
         _measure_checkpoint(model, args)

@@ -290,3 +290,18 @@ def test_compare_profiles_of_both_methods(tmp_path):
                               str(tmp_path / "out"))
     assert all(r["spearman"] == 1.0 and r["top_overlap"] == 1.0 for r in report["agreement"])
     assert json.loads((tmp_path / "out.json").read_text()) == report
+
+
+def test_compare_cli_names_its_output_for_the_two_runs(tmp_path, monkeypatch):
+    """Without --out, `convert --compare` writes results/profile/<run A>_vs_<run B>.json, so
+    comparisons of other runs don't overwrite it."""
+    from rtpurbo_jax.convert import main
+
+    scores = [[0.1, 0.9], [0.5, 0.3]]
+    for run in ("run_a", "run_b"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "heads.json").write_text(json.dumps({"score": scores}))
+    monkeypatch.chdir(tmp_path)
+    main(["--compare", "run_a/heads.json", "run_b/heads.json"])
+    report = json.loads((tmp_path / "results/profile/run_a_vs_run_b.json").read_text())
+    assert report["profiles"] == ["run_a/heads.json", "run_b/heads.json"]
