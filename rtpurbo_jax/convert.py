@@ -192,32 +192,44 @@ def needle_calibration(model: SparseModel, heads: Any, seed: int, tokenizer: Any
                     "needle_tokens": heads.needle_tokens, "documents": heads.documents}
 
 
+def _window_method_inputs(model: SparseModel, heads: Any, seed: int, tokenizer: Any,
+                          data: Any, steps: int) -> tuple[Any, Any]:
+    """What the window methods (gates, ablation) run on: `steps` batches of text and tasks from
+    their own stream, and the model's params in heads.gate_dtype."""
+    from rtpurbo_jax.data import training_dataset
+
+    batches = training_dataset(tokenizer, data, seq_len=heads.length,
+                               batch_size=heads.batch_size, steps=steps, seed=seed,
+                               stream=GATE_STREAM, min_task_len=heads.gate_min_task_len)
+    return batches, jax.tree.map(lambda x: x.astype(heads.gate_dtype), model.params)
+
+
+def _window_method_info(heads: Any, sparse: Any) -> dict[str, Any]:
+    """The settings the window methods share, for the profile's info."""
+    return {"length": heads.length, "batch_size": heads.batch_size,
+            "answer_weight": heads.gate_answer_weight, "min_task_len": heads.gate_min_task_len,
+            "window": sparse.window, "sink_tokens": sparse.sink_tokens}
+
+
 def gate_calibration(model: SparseModel, heads: Any, seed: int, tokenizer: Any, sparse: Any,
                      data: Any) -> tuple[np.ndarray, dict[str, Any]]:
     """Every query head's gate after `head_gates.train_gates` under the rule's share of query
     heads: [layers, heads], and what it ran on."""
-    from rtpurbo_jax.data import training_dataset
     from rtpurbo_jax.head_gates import train_gates
 
     config = model.config
     budget = (float(heads.rule_value) if heads.rule == "fraction"
               else int(heads.rule_value) / (config.num_layers * config.num_heads))
-    batches = training_dataset(tokenizer, data, seq_len=heads.length,
-                               batch_size=heads.batch_size, steps=heads.gate_steps, seed=seed,
-                               stream=GATE_STREAM, min_task_len=heads.gate_min_task_len)
-    params = jax.tree.map(lambda x: x.astype(heads.gate_dtype), model.params)
+    batches, params = _window_method_inputs(model, heads, seed, tokenizer, data,
+                                            heads.gate_steps)
     gates, losses = train_gates(params, config, batches, budget=budget, window=sparse.window,
                                 sink_tokens=sparse.sink_tokens,
                                 learning_rate=heads.gate_learning_rate,
                                 answer_weight=heads.gate_answer_weight, backend=model.backend,
                                 progress=True)
-    return gates, {"method": "gates", "length": heads.length, "budget": budget,
-                   "steps": heads.gate_steps, "batch_size": heads.batch_size,
-                   "learning_rate": heads.gate_learning_rate,
-                   "answer_weight": heads.gate_answer_weight,
-                   "min_task_len": heads.gate_min_task_len, "window": sparse.window,
-                   "sink_tokens": sparse.sink_tokens, "first_loss": losses[0],
-                   "final_loss": losses[-1]}
+    return gates, {"method": "gates", **_window_method_info(heads, sparse), "budget": budget,
+                   "steps": heads.gate_steps, "learning_rate": heads.gate_learning_rate,
+                   "first_loss": losses[0], "final_loss": losses[-1]}
 
 
 def ablation_calibration(model: SparseModel, heads: Any, seed: int, tokenizer: Any, sparse: Any,
@@ -225,26 +237,18 @@ def ablation_calibration(model: SparseModel, heads: Any, seed: int, tokenizer: A
     """Every query head's rank in `head_gates.ablation_scores`' elimination of whole KV groups
     (heads.granularity "kv" or "both") or single query heads ("query"): [layers, heads], and
     what it ran on."""
-    from rtpurbo_jax.data import training_dataset
     from rtpurbo_jax.head_gates import ablation_scores
 
-    config = model.config
-    batches = training_dataset(tokenizer, data, seq_len=heads.length,
-                               batch_size=heads.batch_size, steps=heads.ablation_batches,
-                               seed=seed, stream=GATE_STREAM,
-                               min_task_len=heads.gate_min_task_len)
-    params = jax.tree.map(lambda x: x.astype(heads.gate_dtype), model.params)
-    unit = 1 if heads.granularity == "query" else config.group_size
-    scores, info = ablation_scores(params, config, list(batches), unit=unit,
+    batches, params = _window_method_inputs(model, heads, seed, tokenizer, data,
+                                            heads.ablation_batches)
+    unit = 1 if heads.granularity == "query" else model.config.group_size
+    scores, info = ablation_scores(params, model.config, list(batches), unit=unit,
                                    window=sparse.window, sink_tokens=sparse.sink_tokens,
                                    answer_weight=heads.gate_answer_weight,
                                    round_share=heads.ablation_round_share,
                                    backend=model.backend, progress=True)
-    return scores, {"method": "ablation", "length": heads.length,
-                    "batches": heads.ablation_batches, "batch_size": heads.batch_size,
-                    "answer_weight": heads.gate_answer_weight,
-                    "min_task_len": heads.gate_min_task_len, "window": sparse.window,
-                    "sink_tokens": sparse.sink_tokens, **info}
+    return scores, {"method": "ablation", **_window_method_info(heads, sparse),
+                    "batches": heads.ablation_batches, **info}
 
 
 def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path,
@@ -271,12 +275,11 @@ def retrieval_mask(model: SparseModel, heads: Any, seed: int, run_dir: Path,
         raise ConfigError(f"heads.method={heads.method!r} ranks heads under a budget: set "
                           "heads.rule to 'fraction' or 'count'")
     if heads.method != "tasks":
-        calibrate = {"needle": lambda: needle_calibration(model, heads, seed, tokenizer),
-                     "gates": lambda: gate_calibration(model, heads, seed, tokenizer, sparse,
-                                                       data),
-                     "ablation": lambda: ablation_calibration(model, heads, seed, tokenizer,
-                                                              sparse, data)}
-        scores, info = calibrate[heads.method]()
+        if heads.method == "needle":
+            scores, info = needle_calibration(model, heads, seed, tokenizer)
+        else:
+            calibrate = gate_calibration if heads.method == "gates" else ablation_calibration
+            scores, info = calibrate(model, heads, seed, tokenizer, sparse, data)
         info.update(rule, design=design, granularity=heads.granularity)
         if design == "paper":
             mask = choose_query_heads(scores, config.group_size, granularity=heads.granularity,

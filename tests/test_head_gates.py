@@ -180,14 +180,20 @@ def test_bad_budget_fails_clearly():
                     learning_rate=0.1, answer_weight=0.0)
 
 
-def test_conversion_with_gates_writes_their_profile(tmp_path):
+def _paper_conversion(tmp_path, **heads):
+    """A one-step paper-design conversion of the tiny model with half its KV groups retrieval,
+    the window method's settings in `heads`: (summary, heads.json)."""
     config = tiny.get_config()
     config.sparse.update(design="paper", window=64, sink_blocks=1, local_blocks=1)
-    config.heads.update(method="gates", granularity="kv", rule="fraction", rule_value=0.5,
-                        length=256, batch_size=1, gate_steps=2, gate_min_task_len=240)
+    config.heads.update(granularity="kv", rule="fraction", rule_value=0.5, length=256,
+                        batch_size=1, gate_min_task_len=240, **heads)
     config.train.update(steps=1, loss_level="token", teacher_top_p=1.0)
     summary = run_conversion(config, tmp_path)
-    heads = json.loads((tmp_path / "heads.json").read_text())
+    return summary, json.loads((tmp_path / "heads.json").read_text())
+
+
+def test_conversion_with_gates_writes_their_profile(tmp_path):
+    summary, heads = _paper_conversion(tmp_path, method="gates", gate_steps=2)
     assert heads["info"]["method"] == "gates" and heads["info"]["budget"] == 0.5
     assert heads["info"]["window"] == 64 and np.isfinite(heads["info"]["final_loss"])
     score = np.asarray(heads["score"])
@@ -197,13 +203,7 @@ def test_conversion_with_gates_writes_their_profile(tmp_path):
 
 
 def test_conversion_with_ablation_writes_its_profile(tmp_path):
-    config = tiny.get_config()
-    config.sparse.update(design="paper", window=64, sink_blocks=1, local_blocks=1)
-    config.heads.update(method="ablation", granularity="kv", rule="fraction", rule_value=0.5,
-                        length=256, batch_size=1, ablation_batches=1, gate_min_task_len=240)
-    config.train.update(steps=1, loss_level="token", teacher_top_p=1.0)
-    summary = run_conversion(config, tmp_path)
-    heads = json.loads((tmp_path / "heads.json").read_text())
+    summary, heads = _paper_conversion(tmp_path, method="ablation", ablation_batches=1)
     info = heads["info"]
     assert info["method"] == "ablation" and info["unit_heads"] == 2 and info["window"] == 64
     assert sorted(info["order"]) == list(range(4)) and np.isfinite(info["local_kl"])
