@@ -17,6 +17,9 @@ eval.seed is the test seed: tune only on a separate validation seed. Runs over d
 lengths (one per call on a time-limited machine) merge into one results.json with its plots:
 
     python eval.py --merge=a/results.json --merge=b/results.json --config.eval.out_dir=DIR
+
+eval.steps, eval.train_minutes and eval.stages, where set, replace the training metadata the
+model records (also when merging): for stages that ran as separate runs.
 """
 
 from __future__ import annotations
@@ -41,10 +44,18 @@ _MERGE = flags.DEFINE_multi_string(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from rtpurbo_jax.evaluation import evaluate, markdown_report, merge_results, write_outputs
+    from rtpurbo_jax.evaluation import (
+        check_training_fields,
+        evaluate,
+        markdown_report,
+        merge_results,
+        training_metadata,
+        write_outputs,
+    )
 
     if _MERGE.value:
         config = _CONFIG.value
+        check_training_fields(config.eval)
         out_dir = Path(config.eval.out_dir or os.path.join("results", "eval", config.name))
         paths = [Path(p) for p in _MERGE.value]
         missing = [str(p) for p in paths if not p.exists()]
@@ -54,6 +65,8 @@ def main(argv: list[str]) -> None:
             results = merge_results([json.loads(p.read_text()) for p in paths])
         except ValueError as err:
             raise app.UsageError(f"cannot merge: {err}") from err
+        # Training metadata set on the command line (eval.steps, train_minutes, stages) wins.
+        results.update(training_metadata(results, config.eval))
         written = write_outputs(results, out_dir, Path(config.eval.heads_file or "-"))
     else:
         results, written = evaluate(_CONFIG.value)

@@ -46,7 +46,7 @@ from rtpurbo_jax.api import SparseModel, check_arch, load, load_from_config
 from rtpurbo_jax.cache import kv_cache_bytes
 from rtpurbo_jax.checkpoint import CONFIG_FILE, SparseCheckpointError, load_sparse
 from rtpurbo_jax.config import ModelConfig, SparseConfig
-from rtpurbo_jax.convert import task_tokenizer
+from rtpurbo_jax.convert import STAGES, task_tokenizer
 from rtpurbo_jax.export import ORIGIN_FILE
 from rtpurbo_jax.tasks import TASKS, Sample, is_correct, make_samples
 from rtpurbo_jax.text import text_tokens, text_windows
@@ -78,6 +78,8 @@ ACCURACY_PLOT = "accuracy.png"
 DENSITY_PLOT = "density.png"
 HEADS_PLOT = "heads.png"
 TRAIN_SUMMARY = "train_summary.json"
+# The training metadata of a results file, which the eval section can set.
+TRAINING_KEYS = ("steps", "train_minutes", "stages")
 HEAD_PROFILE = "heads.json"
 
 
@@ -102,9 +104,13 @@ def default_eval_config() -> ml_collections.ConfigDict:
         perplexity_batch_size=2,  # windows per forward pass (the logits are [batch, len, vocab])
         dtype="",  # empty: config.model.dtype
         backend="auto",  # "reference" | "pallas" | "mosaic" | "auto" (rtpurbo_jax/kernels.py)
-        # Training metadata for the report; None: read from <run_dir>/train_summary.json.
+        # Training metadata for the report; None: the model's own record (a stage-2 model's
+        # rtpurbo.json, else <run_dir>/train_summary.json). Set them where the stages ran as
+        # separate runs (stage 2 from another run's stage-1 checkpoint); `eval.py --merge`
+        # applies them too.
         steps=ml_collections.FieldReference(None, field_type=int),
         train_minutes=ml_collections.FieldReference(None, field_type=float),
+        stages=ml_collections.FieldReference(None, field_type=tuple),
     ))
 
 
@@ -136,6 +142,7 @@ def check_eval_config(ev: Any, max_context: int) -> None:
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
         raise ValueError(f"unknown eval task(s) {bad}; tasks are {TASKS}")
+    check_training_fields(ev)
     for field in ("samples", "batch_size", "max_new_tokens", "perplexity_batch_size"):
         if int(ev[field]) <= 0:
             raise ValueError(f"eval.{field} must be positive, got {ev[field]}")
@@ -151,6 +158,25 @@ def check_eval_config(ev: Any, max_context: int) -> None:
         if length <= ev.max_new_tokens:
             raise ValueError(f"eval length {length} leaves no room for a prompt before "
                              f"{ev.max_new_tokens} new tokens")
+
+
+def check_training_fields(ev: Any) -> None:
+    """Raises ValueError for training metadata (eval.steps / train_minutes / stages) that no
+    run could have."""
+    if ev.stages is not None and (not ev.stages or [s for s in STAGES if s in ev.stages]
+                                  != list(ev.stages)):
+        raise ValueError(f"eval.stages must list stages of {STAGES}, each once and in that "
+                         f"order, got {tuple(ev.stages)}")
+    for field in ("steps", "train_minutes"):
+        if ev[field] is not None and ev[field] < 0:
+            raise ValueError(f"eval.{field} must be >= 0, got {ev[field]}")
+
+
+def training_metadata(recorded: dict[str, Any], ev: Any) -> dict[str, Any]:
+    """{"steps", "train_minutes", "stages"}: the eval section's value where set, else the
+    recorded one."""
+    return {key: recorded.get(key) if ev[key] is None else
+            list(ev[key]) if key == "stages" else ev[key] for key in TRAINING_KEYS}
 
 
 def prompt_tokens(length: int, max_new_tokens: int) -> int:
@@ -574,22 +600,17 @@ def train_metadata(run_dir: Path, ev: Any) -> dict[str, Any]:
     steps = summary.get("steps", 0) if "indexer" in (stages or ()) else 0
     if "distill" in (stages or ()):
         steps += summary["distill"]["steps"]
-    recorded = {"steps": steps if summary else None, "train_minutes":
-                summary.get("train_minutes")}
-    return {"steps": ev.steps if ev.steps is not None else recorded["steps"],
-            "train_minutes": (ev.train_minutes if ev.train_minutes is not None
-                              else recorded["train_minutes"]),
-            "stages": stages}
+    return training_metadata({"steps": steps if summary else None, "stages": stages,
+                              "train_minutes": summary.get("train_minutes")}, ev)
 
 
 def origin_metadata(origin: dict[str, Any], ev: Any) -> dict[str, Any]:
     """{"steps", "train_minutes", "stages"} of a stage-2 model, from its rtpurbo.json (steps
     and minutes of both stages; the config's values win)."""
     minutes = origin.get("minutes") or {}
-    recorded = {"steps": sum(origin.get("steps", {}).values()),
-                "train_minutes": sum(minutes.values()) if minutes else None}
-    return {key: ev[key] if ev[key] is not None else recorded[key]
-            for key in ("steps", "train_minutes")} | {"stages": origin.get("stages")}
+    return training_metadata({"steps": sum(origin.get("steps", {}).values()),
+                              "train_minutes": sum(minutes.values()) if minutes else None,
+                              "stages": origin.get("stages")}, ev)
 
 
 @dataclasses.dataclass(frozen=True)

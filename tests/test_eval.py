@@ -246,6 +246,9 @@ def test_perplexity_of_a_batch_matches_its_rows():
     (dict(lengths=(512, 4096)), "beyond the model's context"),
     (dict(lengths=(4,)), "leaves no room"),
     (dict(lengths=()), "distinct context lengths"),
+    (dict(stages=("distill", "indexer")), "eval.stages must list"),
+    (dict(stages=("indexer", "lora")), "eval.stages must list"),
+    (dict(steps=-1), "eval.steps must be >= 0"),
 ])
 def test_bad_settings_fail_clearly(change, message):
     with pytest.raises(ValueError, match=message):
@@ -296,6 +299,34 @@ def test_runs_over_disjoint_lengths_merge():
     other["settings"]["seed"] = 2
     with pytest.raises(ValueError, match="settings"):
         ev_lib.merge_results([run([2], "a"), other])
+
+
+def test_training_metadata_set_in_the_eval_section_wins(tmp_path):
+    origin = {"stages": ["distill"], "steps": {"indexer": 0, "distill": 300},
+              "minutes": {"distill": 14.3}}
+    recorded = {"steps": 300, "train_minutes": 14.3, "stages": ["distill"]}
+    assert ev_lib.origin_metadata(origin, _eval_section()) == recorded
+    given = _eval_section(steps=700, stages=("indexer", "distill"))
+    assert ev_lib.origin_metadata(origin, given) == {**recorded, "steps": 700,
+                                                     "stages": ["indexer", "distill"]}
+    (tmp_path / ev_lib.TRAIN_SUMMARY).write_text(json.dumps({"steps": 6, "train_minutes": 0.5}))
+    assert ev_lib.train_metadata(tmp_path, _eval_section(train_minutes=2.0)) == {
+        "steps": 6, "train_minutes": 2.0, "stages": ["indexer"]}
+
+
+def test_merge_takes_training_metadata_from_the_command_line(cli_run, tmp_path):
+    _, results, out_dir = cli_run
+    args = [f"--config={out_dir.parent / 'tiny_eval.py'}", f"--merge={out_dir / 'results.json'}",
+            f"--config.eval.out_dir={tmp_path}", "--config.eval.steps=9",
+            "--config.eval.stages=('indexer','distill')"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "eval.py"), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = json.loads((tmp_path / "results.json").read_text())
+    assert merged["steps"] == 9 and merged["stages"] == ["indexer", "distill"]
+    assert merged["train_minutes"] == results["train_minutes"]
+    assert merged["cells"] == results["cells"]
 
 
 @pytest.mark.parametrize("program,args,message", [
