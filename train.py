@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
     if config.distributed:
         jax.distributed.initialize()
 
-    from rtpurbo_jax.convert import run_conversion
+    from rtpurbo_jax.convert import TRAIN_SUMMARY, run_conversion
 
     schedule = apply_schedule(config, jax.default_backend())
     if schedule == "cpu":
@@ -106,7 +106,7 @@ def main(argv: list[str]) -> None:
     wall = (time.perf_counter() - start) / 60
     summary.update(schedule=schedule, train_minutes=max(
         wall, sum(m for m in stage_minutes if m is not None)))
-    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    (run_dir / TRAIN_SUMMARY).write_text(json.dumps(summary, indent=1))
     if "indexer" in summary["stages"]:
         print(f"sparse checkpoint: {run_dir / 'sparse'}  ({summary['steps']} steps, "
               f"{summary['stage1_minutes']:.1f} min, loss {summary['first_loss']:.4f} -> "

@@ -319,6 +319,8 @@ def _record_seconds(path: Path, seconds: float) -> None:
 
 # The stages of train.py, in the order they run.
 STAGES = ("indexer", "distill")
+# What train.py writes in a run directory: per stage, steps, losses and minutes.
+TRAIN_SUMMARY = "train_summary.json"
 
 
 def check_stages(stages: Sequence[str]) -> tuple[str, ...]:
@@ -355,17 +357,34 @@ def run_conversion(config: Any, run_dir: Path) -> dict[str, Any]:
                                "device": jax.devices()[0].device_kind, "stages": list(stages)}
     if "indexer" in stages:
         tick = time.perf_counter()
-        sparse, indexer, stage1 = run_stage1(config, model, run_dir, mesh)
+        sparse, indexer, stage1_summary = run_stage1(config, model, run_dir, mesh)
         # A resumed stage 1 counts the calibration and the steps of every process.
-        summary.update(stage1, stage1_minutes=max((time.perf_counter() - tick) / 60,
+        summary.update(stage1_summary, stage1_minutes=max((time.perf_counter() - tick) / 60,
                                                   stage1_recorded_minutes(run_dir)))
+        stage1 = {"steps": config.train.steps, "minutes": summary["stage1_minutes"]}
     else:
         sparse, indexer = start_checkpoint(config, model, run_dir)
+        stage1 = stage1_record(start_checkpoint_path(config, run_dir))
     summary["retrieval_fraction"] = sparse.retrieval_fraction
     if "distill" in stages:
         summary["distill"] = run_distill(config, model, sparse, indexer, run_dir, mesh,
-                                         stage1_minutes=summary.get("stage1_minutes"))
+                                         stage1=stage1)
     return summary
+
+
+def stage1_record(checkpoint: Path) -> dict[str, Any] | None:
+    """{"steps", "minutes"} of the stage-1 run that wrote the sparse checkpoint (the
+    train_summary.json of the run directory holding it), or None when no such run is recorded
+    there (a checkpoint copied elsewhere, or made by a stage-2 run)."""
+    summary_file = checkpoint.parent / TRAIN_SUMMARY
+    if not summary_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text())
+    # Summaries from before train.stages existed are stage 1's.
+    if "indexer" not in summary.get("stages", ["indexer"]) or "steps" not in summary:
+        return None
+    return {"steps": summary["steps"],
+            "minutes": summary.get("stage1_minutes", summary.get("train_minutes"))}
 
 
 def stage1_recorded_minutes(run_dir: Path) -> float:
@@ -412,7 +431,7 @@ def start_checkpoint(config: Any, model: SparseModel, run_dir: Path) -> tuple[Sp
     run_dir/sparse), which must have been made for these base weights."""
     from rtpurbo_jax.checkpoint import check_base, load_sparse
 
-    path = Path(config.distill.sparse) if config.distill.sparse else run_dir / "sparse"
+    path = start_checkpoint_path(config, run_dir)
     sparse, indexer, base = load_sparse(path)
     if model.fingerprint:  # random weights have none
         check_base(path, base, model.fingerprint, model.config.name)
@@ -420,11 +439,19 @@ def start_checkpoint(config: Any, model: SparseModel, run_dir: Path) -> tuple[Sp
     return sparse, indexer
 
 
+def start_checkpoint_path(config: Any, run_dir: Path) -> Path:
+    """Where stage 2 without stage 1 starts: distill.sparse, default run_dir/sparse."""
+    return Path(config.distill.sparse) if config.distill.sparse else run_dir / "sparse"
+
+
 def run_distill(config: Any, model: SparseModel, sparse: SparseConfig, indexer: Any,
-                run_dir: Path, mesh: Any, stage1_minutes: float | None = None
+                run_dir: Path, mesh: Any, stage1: dict[str, Any] | None = None
                 ) -> dict[str, Any]:
     """Stage 2, then the new model exported to run_dir/model (a Hugging Face directory with
-    its sparse checkpoint and origin: base, stages, steps and minutes of each stage run here).
+    its sparse checkpoint and origin: base, stages, steps and minutes of each stage).
+
+    stage1: {"steps", "minutes"} of the stage 1 that made the sparse checkpoint, run here or
+    recorded beside the checkpoint; None: unknown (the origin then lists stage 2 alone).
     Returns {steps, first_loss, final_loss, resumed, minutes}."""
     from rtpurbo_jax.data import training_dataset
     from rtpurbo_jax.export import export_model
@@ -441,15 +468,15 @@ def run_distill(config: Any, model: SparseModel, sparse: SparseConfig, indexer: 
                                  seed=config.seed)
     records = _read_metrics(run_dir / "distill")
     losses = [r["loss"] for r in records]
-    steps = {"indexer": config.train.steps if "indexer" in config.train.stages else 0,
-             "distill": distill.steps}
+    steps = {"indexer": stage1["steps"] if stage1 else 0, "distill": distill.steps}
     # The time of the steps that made the model, summed over every process of a resumed run
     # (each process's compile is in its first step; a step redone after a kill counts once).
     minutes = {"distill": sum(r["seconds"] for r in records) / 60}
-    if stage1_minutes is not None:
-        minutes["indexer"] = stage1_minutes
+    if stage1 and stage1["minutes"] is not None:
+        minutes["indexer"] = stage1["minutes"]
     origin = {"base": {"name": model.config.name, "fingerprint": model.fingerprint},
-              "stages": list(config.train.stages), "steps": steps, "minutes": minutes,
+              "stages": [*(["indexer"] if stage1 else []), "distill"], "steps": steps,
+              "minutes": minutes,
               "design": sparse.design,
               "distill": {k: v for k, v in distill.to_dict().items() if k != "sparse"}}
     # Written aside and renamed: a kill mid-export never leaves a half model under model/.

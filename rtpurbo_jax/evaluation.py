@@ -46,7 +46,7 @@ from rtpurbo_jax.api import SparseModel, check_arch, load, load_from_config
 from rtpurbo_jax.cache import kv_cache_bytes
 from rtpurbo_jax.checkpoint import CONFIG_FILE, SparseCheckpointError, load_sparse
 from rtpurbo_jax.config import ModelConfig, SparseConfig
-from rtpurbo_jax.convert import STAGES, task_tokenizer
+from rtpurbo_jax.convert import STAGES, TRAIN_SUMMARY, task_tokenizer
 from rtpurbo_jax.export import ORIGIN_FILE
 from rtpurbo_jax.tasks import TASKS, Sample, is_correct, make_samples
 from rtpurbo_jax.text import text_tokens, text_windows
@@ -77,7 +77,6 @@ RESULTS_FILE = "results.json"
 ACCURACY_PLOT = "accuracy.png"
 DENSITY_PLOT = "density.png"
 HEADS_PLOT = "heads.png"
-TRAIN_SUMMARY = "train_summary.json"
 # The training metadata of a results file, which the eval section can set.
 TRAINING_KEYS = ("steps", "train_minutes", "stages")
 HEAD_PROFILE = "heads.json"

@@ -291,10 +291,33 @@ def test_both_stages_end_to_end(tmp_path):
         np.testing.assert_array_equal(a, b)
     assert any(np.any(np.asarray(a) != np.asarray(b)) for a, b in zip(
         jax.tree.leaves(tuned.params), jax.tree.leaves(base.params), strict=True))
+    # Stage 2 alone, from the checkpoint of a stage-1 run (train.py writes its summary): the
+    # new model's origin still lists both stages.
+    (tmp_path / "run" / "train_summary.json").write_text(json.dumps(summary))
     config.train.stages = ("distill",)
     config.distill.sparse = str(tmp_path / "run" / "sparse")
     again = run_conversion(config, tmp_path / "second")
     assert again["distill"]["steps"] == 2 and "first_loss" not in again
+    origin = json.loads((tmp_path / "second" / "model" / "rtpurbo.json").read_text())
+    assert origin["stages"] == ["indexer", "distill"]
+    assert origin["steps"] == {"indexer": 2, "distill": 2}
+    assert origin["minutes"]["indexer"] == summary["stage1_minutes"]
+
+
+def test_stage1_record_of_a_sparse_checkpoint(tmp_path):
+    from rtpurbo_jax.convert import stage1_record
+
+    checkpoint = tmp_path / "run" / "sparse_safetensors"
+    checkpoint.mkdir(parents=True)
+    assert stage1_record(checkpoint) is None  # copied away from its run
+    summary = tmp_path / "run" / "train_summary.json"
+    summary.write_text(json.dumps({"steps": 400, "train_minutes": 7.0}))  # before train.stages
+    assert stage1_record(checkpoint) == {"steps": 400, "minutes": 7.0}
+    summary.write_text(json.dumps({"stages": ["indexer", "distill"], "steps": 400,
+                                   "stage1_minutes": 6.5, "train_minutes": 20.0}))
+    assert stage1_record(checkpoint) == {"steps": 400, "minutes": 6.5}
+    summary.write_text(json.dumps({"stages": ["distill"], "train_minutes": 14.0}))
+    assert stage1_record(checkpoint) is None
 
 
 @pytest.mark.parametrize("design", ["indexer", "paper"])
