@@ -476,8 +476,7 @@ def run_distill(config: Any, model: SparseModel, sparse: SparseConfig, indexer: 
         minutes["indexer"] = stage1["minutes"]
     origin = {"base": {"name": model.config.name, "fingerprint": model.fingerprint},
               "stages": [*(["indexer"] if stage1 else []), "distill"], "steps": steps,
-              "minutes": minutes,
-              "design": sparse.design,
+              "minutes": minutes, "design": sparse.design,
               "distill": {k: v for k, v in distill.to_dict().items() if k != "sparse"}}
     # Written aside and renamed: a kill mid-export never leaves a half model under model/.
     partial, final = run_dir / "model.partial", run_dir / "model"

@@ -77,11 +77,17 @@ def cli_run(tmp_path_factory):
             f"--config.eval.samples={SAMPLES}", f"--config.eval.batch_size={SAMPLES}",
             f"--config.eval.max_new_tokens={MAX_NEW}", "--config.eval.perplexity_windows=3",
             "--config.eval.backend=reference"]
+    stdout = _run_eval_cli(args)
+    return stdout, json.loads((out_dir / "results.json").read_text()), out_dir
+
+
+def _run_eval_cli(args):
+    """eval.py with args on the CPU; asserts it succeeded and returns its stdout."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, str(REPO / "eval.py"), *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout, json.loads((out_dir / "results.json").read_text()), out_dir
+    return result.stdout
 
 
 def test_every_cell_and_mode_is_reported(cli_run):
@@ -319,10 +325,7 @@ def test_merge_takes_training_metadata_from_the_command_line(cli_run, tmp_path):
     args = [f"--config={out_dir.parent / 'tiny_eval.py'}", f"--merge={out_dir / 'results.json'}",
             f"--config.eval.out_dir={tmp_path}", "--config.eval.steps=9",
             "--config.eval.stages=('indexer','distill')"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, str(REPO / "eval.py"), *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_eval_cli(args)
     merged = json.loads((tmp_path / "results.json").read_text())
     assert merged["steps"] == 9 and merged["stages"] == ["indexer", "distill"]
     assert merged["train_minutes"] == results["train_minutes"]
