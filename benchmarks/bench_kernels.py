@@ -20,7 +20,8 @@ chained calls) with both kernels in Pallas interpret mode and the dense baseline
 (no cuDNN off a GPU): `check` runs tiny analogues of the real cases (ragged rows, f32 with
 block_q != block_k, a chunk at a query offset, a non-power-of-2 group, every block listed vs
 dense, ragged decode, decode with explicit splits); `sweep` a few launch configurations of each
-kernel; `prefill` and `decode` one length and density each, with the dense row. Any failure
+kernel; `prefill` and `decode` one length and density each, with the dense row; the Mosaic GPU
+prefill kernel, which needs a Hopper GPU, is lowered for CUDA instead of timed. Any failure
 raises, every check must be within CHECK_TOLERANCE of its reference, and every row and sweep
 entry must be there. XLA compiles unoptimised (SMOKE_XLA_FLAGS: the run is compile-bound). The
 JSON goes to a fresh temp dir unless --out-dir is given. The timings of a smoke run mean
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -47,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_reference
+from pallas_kernels.sparse_attention_mgpu import sparse_attention_mgpu, unsupported_reason
 from pallas_kernels.sparse_decode import sparse_decode, sparse_decode_reference
 
 NUM_HEADS = 32  # Llama-3-8B
@@ -86,6 +89,12 @@ TARGET_SLACK = 0.02
 SWEEP_DECODE_BATCHES = (1, 16)
 SWEEP_DECODE_LAYERS = 2
 SWEEP_DECODE_DENSITY = 0.05
+# Prefill kernels timed side by side: the Triton one, and the Mosaic GPU one (Hopper; under
+# --smoke, where it cannot run, it is lowered for CUDA at SMOKE_MOSAIC_SHAPE instead).
+PREFILL_IMPLS = ("triton", "mosaic_gpu")
+# (q_len, heads, kv_heads, head_dim): the smallest shape family the Mosaic kernel tiles.
+SMOKE_MOSAIC_SHAPE = (256, 4, 2, 64)
+MOSAIC_BLOCK = 64
 # Default sizes of the real run (command-line options override them).
 SECTIONS = "check,prefill,decode"
 ALL_SECTIONS = "check,sweep,prefill,decode"
@@ -380,6 +389,10 @@ def run_checks(setup: Setup, args) -> list[dict]:
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
         ref = sparse_attention_reference(*f32, idx, cnt, **kw)
         record(c.name, out, ref)
+        if not setup.interpret and unsupported_reason(
+                q.shape, k.shape, q.dtype, block_q=c.block_q, block_k=c.block_k,
+                window=None) is None:
+            record(f"{c.name}_mosaic_gpu", sparse_attention_mgpu(q, k, v, idx, cnt, **kw), ref)
 
     for case in setup.prefill_checks:
         guarded(case.name, functools.partial(prefill_case, case))
@@ -423,15 +436,39 @@ def run_checks(setup: Setup, args) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-def time_prefill_sparse(setup: Setup, q, k, v, lists, runs: int, **kwargs) -> float:
+def prefill_kernel_fn(setup: Setup, impl: str, **kwargs) -> Callable:
+    """fn(q, k, v, idx, cnt) of one prefill kernel at the setup's block."""
+    if impl == "mosaic_gpu":
+        return functools.partial(sparse_attention_mgpu, block_q=setup.block,
+                                 block_k=setup.block)
+    return functools.partial(sparse_attention, block_q=setup.block, block_k=setup.block,
+                             interpret=setup.interpret, **kwargs)
+
+
+def lower_mosaic_prefill() -> bool:
+    """--smoke's stand-in for timing the Mosaic GPU kernel: it lowers for CUDA."""
+    q_len, heads, kv_heads, dim = SMOKE_MOSAIC_SHAPE
+    nq = q_len // MOSAIC_BLOCK
+    sds = jax.ShapeDtypeStruct
+    kv = sds((1, q_len, kv_heads, dim), DTYPE)
+    run = jax.jit(functools.partial(sparse_attention_mgpu, block_q=MOSAIC_BLOCK,
+                                    block_k=MOSAIC_BLOCK))
+    lowered = run.trace(sds((1, q_len, heads, dim), DTYPE), kv, kv,
+                        sds((1, kv_heads, nq, nq), jnp.int32), sds((1, kv_heads, nq), jnp.int32))
+    return "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def time_prefill_sparse(setup: Setup, q, k, v, lists, runs: int, impl: str = "triton",
+                        **kwargs) -> float:
     """ms per call; lists: one (idx, cnt) per call of the timed region.
 
     Each call's output is the next call's query, so no call can be skipped or hoisted.
     """
+    attend = prefill_kernel_fn(setup, impl, **kwargs)
+
     def chain(q, k, v, lists):
         for idx, cnt in lists:
-            q = sparse_attention(q, k, v, idx, cnt, block_q=setup.block, block_k=setup.block,
-                                 interpret=setup.interpret, **kwargs)
+            q = attend(q, k, v, idx, cnt)
         return q
 
     fn = jax.jit(chain)
@@ -481,31 +518,38 @@ def run_prefill(setup: Setup, args, rows: list[dict]) -> None:
         dense_tflops = dense_flops / dense_ms / 1e9
         log(f"prefill {q_len}: {setup.dense_impl} dense {dense_ms:.2f} ms "
             f"({dense_tflops:.0f} TFLOP/s)")
-        for density in args.densities:
+        for density, impl in itertools.product(args.densities, args.prefill_impls):
             lists, listed, causal = [], 0, 0
             for i in range(inner):
                 idx, cnt, listed, causal = prefill_lists(setup, 200 + i, 1, q_len, density)
                 lists.append((idx, cnt))
+            actual = listed / causal
+            if impl == "mosaic_gpu" and setup.interpret:
+                rows.append({"bench": "prefill_kernel", "impl": impl, "length": q_len,
+                             "density": actual, "ms": None,
+                             "lowered_for_cuda": lower_mosaic_prefill()})
+                continue
             try:
-                ms = time_prefill_sparse(setup, q, k, v, lists, runs, **kwargs)
+                ms = time_prefill_sparse(setup, q, k, v, lists, runs, impl, **kwargs)
             except Exception as e:  # noqa: BLE001 - record the failure, keep timing the rest
                 if args.smoke:
                     raise
-                log(f"prefill {q_len} density {density}: FAILED {type(e).__name__}: "
+                log(f"prefill {q_len} density {density} {impl}: FAILED {type(e).__name__}: "
                     f"{str(e)[:ERROR_CHARS]}")
                 continue
-            actual = listed / causal
             flops = 4.0 * setup.block * setup.block * setup.head_dim * group * listed
             target = actual * dense_ms / TARGET_EFFICIENCY + TARGET_SLACK * dense_ms
             row = {
-                "bench": "prefill_kernel", "length": q_len, "batch": 1, "density": actual,
-                "ms": ms, "dense_ms": dense_ms, "speedup": dense_ms / ms,
+                "bench": "prefill_kernel", "impl": impl, "length": q_len, "batch": 1,
+                "density": actual, "ms": ms, "dense_ms": dense_ms, "speedup": dense_ms / ms,
                 "tflops": flops / ms / 1e9, "dense_tflops": dense_tflops,
+                "tflops_vs_dense": flops / ms / 1e9 / dense_tflops,
                 "target_ms": target, "meets_target": ms <= target,
             }
             rows.append(row)
-            log(f"prefill {q_len} density {actual:.3f}: {ms:.3f} ms, x{dense_ms / ms:.1f}, "
-                f"{row['tflops']:.0f} TFLOP/s on listed blocks, target {target:.3f} ms")
+            log(f"prefill {q_len} density {actual:.3f} {impl}: {ms:.3f} ms, "
+                f"x{dense_ms / ms:.1f}, {row['tflops']:.0f} TFLOP/s on listed blocks "
+                f"({row['tflops_vs_dense']:.0%} of dense), target {target:.3f} ms")
         del q, k, v
 
 
@@ -657,8 +701,11 @@ def git_commit() -> str:
 def print_table(rows: list[dict]) -> None:
     log("\nbench           length  batch density        ms   dense_ms  speedup  note")
     for r in rows:
+        if r["bench"] == "prefill_kernel" and r["ms"] is None:
+            log(f"prefill {r['impl']} lowered for CUDA: {r['lowered_for_cuda']}")
+            continue
         if r["bench"] == "prefill_kernel":
-            note = (f"{r['tflops']:.0f}/{r['dense_tflops']:.0f} TFLOP/s, target "
+            note = (f"{r['impl']} {r['tflops']:.0f}/{r['dense_tflops']:.0f} TFLOP/s, target "
                     f"{r['target_ms']:.2f} ms {'met' if r['meets_target'] else 'MISSED'}")
         else:
             note = f"{r['gbps']:.0f} GB/s, dense {r['dense_impl']} {r['dense_gbps']:.0f} GB/s"
@@ -698,6 +745,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help=f"default {SWEEP_DENSITIES}")
     p.add_argument("--sweep-decode-length", type=int, default=None,
                    help=f"default {SWEEP_DECODE_LENGTH}")
+    p.add_argument("--prefill-impls", type=lambda s: tuple(s.split(",")),
+                   default=PREFILL_IMPLS, help=f"default {','.join(PREFILL_IMPLS)}")
     p.add_argument("--tile-q", type=opt_int, default=None)
     p.add_argument("--num-warps", type=opt_int, default=None)
     p.add_argument("--num-stages", type=opt_int, default=None)
@@ -742,7 +791,9 @@ def check_smoke(setup: Setup, args, sections: set[str], result: dict) -> None:
         assert len(timed) == expected, result["sweep"]
     expected = 0
     if "prefill" in sections:
-        expected += len(args.prefill_lengths) * len(args.densities)
+        expected += len(args.prefill_lengths) * len(args.densities) * len(args.prefill_impls)
+        lowered = [r for r in result["rows"] if r.get("ms") is None]
+        assert all(r["lowered_for_cuda"] for r in lowered), lowered
     if "decode" in sections:
         expected += (len(args.decode_lengths) * len(args.decode_batches)
                      * len(args.decode_densities))

@@ -1,6 +1,7 @@
 """Which Pallas kernels a `backend` runs, in one table so that every call site dispatches alike.
 
-  "pallas": the Triton-lowered kernels (written for GPUs);
+  "pallas": the GPU kernels: Triton-lowered, with the block-sparse prefill lowered through
+            Mosaic GPU on Hopper for the shapes that kernel tiles;
   "mosaic": the Mosaic-lowered kernels (written for TPUs);
   "auto":   the GPU's kernels on a GPU, the TPU's on a TPU, the jnp references elsewhere;
   "reference": the jnp references everywhere.
@@ -17,7 +18,7 @@ import jax
 
 from pallas_kernels.indexer_topp import block_logits, select_blocks
 from pallas_kernels.local_attention import local_attention
-from pallas_kernels.sparse_attention import sparse_attention
+from pallas_kernels.sparse_attention_mgpu import sparse_attention_gpu
 from pallas_kernels.sparse_decode import sparse_decode
 from pallas_kernels.tpu_indexer_topp import block_logits_tpu, select_blocks_tpu
 from pallas_kernels.tpu_local_attention import local_attention_tpu
@@ -40,7 +41,7 @@ class Kernels(NamedTuple):
 
 
 _TABLE = {
-    "triton": (sparse_attention, sparse_decode, local_attention, block_logits, select_blocks),
+    "triton": (sparse_attention_gpu, sparse_decode, local_attention, block_logits, select_blocks),
     "mosaic": (sparse_attention_tpu, sparse_decode_tpu, local_attention_tpu, block_logits_tpu,
                select_blocks_tpu),
 }

@@ -20,6 +20,7 @@ from rtpurbo_jax.dense import cudnn_local_supported, local_attention_cudnn
 from rtpurbo_jax.head_gates import causal_and_local
 from rtpurbo_jax.indexer import init_indexer
 from rtpurbo_jax.model import init_params
+from tests.test_sparse_attention_kernel import Case, assert_close, dense_mask, make_inputs
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu",
@@ -195,3 +196,51 @@ def test_ablation_attention_through_cudnn_is_as_accurate_as_the_training_path():
         f, s_, tr = (np.asarray(x, np.float32) for x in (f, s_, tr))
         assert np.all(f[~valid] == 0)
         assert _err(f[valid], tr[valid]) <= BF16_SLACK * _err(s_[valid], tr[valid])
+
+
+# The Mosaic GPU prefill kernel on Llama-3-8B-like heads: ragged rows over a NaN-poisoned cache,
+# a later chunk, a two-tile query block, one entry per step, and every kind of list (empty,
+# full, random, with the diagonal, with future blocks).
+MGPU_CASES = [
+    (Case(101, 2, 2000, 32, 8, 128, 64, 64, jnp.bfloat16, lengths=(2000, 1400)), {}),
+    (Case(102, 1, 1024, 16, 4, 64, 64, 64, jnp.bfloat16, lengths=(4000,), q_offset=3072,
+          kv_len=4133), {}),
+    (Case(103, 2, 1536, 8, 2, 128, 128, 64, jnp.bfloat16, lengths=(1536, 777)), {}),
+    (Case(104, 2, 2000, 32, 8, 128, 64, 64, jnp.bfloat16, lengths=(1999, 1024)),
+     {"blocks_per_step": 1, "steps_in_flight": 4}),
+]
+
+
+@pytest.mark.parametrize("case, launch", MGPU_CASES, ids=lambda c: getattr(c, "seed", ""))
+def test_mosaic_prefill_matches_reference(case, launch):
+    from pallas_kernels.sparse_attention import sparse_attention_reference
+    from pallas_kernels.sparse_attention_mgpu import sparse_attention_mgpu
+
+    q, k, v, idx, cnt, lengths = make_inputs(case)
+    kw = dict(block_q=case.block_q, block_k=case.block_k, lengths=lengths,
+              q_offset=case.q_offset)
+    out = sparse_attention_mgpu(q, k, v, idx, cnt, **kw, **launch)
+    with jax.default_matmul_precision("highest"):
+        ref = sparse_attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), idx, cnt,
+                                         **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(out, ref, case.dtype)
+    empty = ~dense_mask(idx, cnt, lengths, case).any(-1)  # [B, K, T]: no visible key
+    empty = np.repeat(empty, case.num_heads // case.num_kv_heads, axis=1).transpose(0, 2, 1)
+    assert empty.any() and np.all(np.asarray(out, np.float32)[empty] == 0)
+
+
+def test_gpu_prefill_dispatch_picks_mosaic_on_hopper():
+    """On a Hopper GPU the family's prefill lowers an even-group bf16 input through Mosaic GPU
+    and the default model's group of 3 through Triton."""
+    from pallas_kernels.sparse_attention_mgpu import is_hopper, sparse_attention_gpu
+
+    def lowered(heads, kv_heads):
+        q = jnp.zeros((1, 128, heads, 64), jnp.bfloat16)
+        k = jnp.zeros((1, 128, kv_heads, 64), jnp.bfloat16)
+        idx, cnt = jnp.zeros((1, kv_heads, 2, 1), jnp.int32), jnp.ones((1, kv_heads, 2), jnp.int32)
+        run = jax.jit(lambda *a: sparse_attention_gpu(*a, block_q=64, block_k=64))
+        return run.lower(q, k, k, idx, cnt).as_text()
+
+    assert ("mosaic_gpu" in lowered(8, 2)) == is_hopper()
+    assert "mosaic_gpu" not in lowered(9, 3)
