@@ -87,20 +87,10 @@ def unsupported_reason(
     return None
 
 
-def _layouts(interpret: bool):
-    """(cast, iota): register-layout annotations for the compiled kernel; plain values for the
-    interpreter, which runs on arrays without layouts (the annotations change no value)."""
-    if interpret:
-        return (lambda x, layout: x), (lambda dtype, shape, dim, layout: lax.broadcasted_iota(
-            dtype, shape, dim))
-    return plgpu.layout_cast, (lambda dtype, shape, dim, layout: plgpu.broadcasted_iota(
-        dtype, shape, dim, layout=layout))
-
-
 def _kernel(
     q_ref, k_ref, v_ref, v_tail_ref, idx_ref, range_ref, len_ref, off_ref, o_ref, scoped, *,
     num_tiles: int, tiles_per_block: int, block_k: int, group: int, qk_scale: float,
-    steps_in_flight: int, blocks_per_step: int, interpret: bool,
+    steps_in_flight: int, blocks_per_step: int,
 ):
     """One program: WG_ROWS queries of two heads of one KV head, over their tile's list.
 
@@ -129,7 +119,6 @@ def _kernel(
     row0 = tile * WG_ROWS
     dtype = q_ref.dtype
     head_dim = q_ref.shape[-1]
-    cast, iota = _layouts(interpret)
 
     def take_turn():
         plgpu.barrier_arrive(turn)
@@ -147,9 +136,10 @@ def _kernel(
         plgpu.barrier_wait(q_ready.at[wg])
 
         row_layout = plgpu.Layout.WGMMA.reduce(1)
-        m = cast(jnp.full((WG_ROWS,), MASK_VALUE, jnp.float32), row_layout)
-        row_sum = cast(jnp.full((WG_ROWS,), 0, jnp.float32), row_layout)
-        acc = cast(jnp.full((WG_ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+        m = plgpu.layout_cast(jnp.full((WG_ROWS,), MASK_VALUE, jnp.float32), row_layout)
+        row_sum = plgpu.layout_cast(jnp.full((WG_ROWS,), 0, jnp.float32), row_layout)
+        acc = plgpu.layout_cast(jnp.full((WG_ROWS, head_dim), 0, jnp.float32),
+                                plgpu.Layout.WGMMA)
 
         @pl.when(n_steps > 0)
         def _():
@@ -171,8 +161,9 @@ def _kernel(
             s = s * qk_scale
             if masked:
                 shape = (WG_ROWS, step_k)
-                q_pos = first_pos + iota(jnp.int32, shape, 0, plgpu.Layout.WGMMA)
-                col = iota(jnp.int32, shape, 1, plgpu.Layout.WGMMA)
+                q_pos = first_pos + plgpu.broadcasted_iota(jnp.int32, shape, 0,
+                                                           layout=plgpu.Layout.WGMMA)
+                col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
                 part = lax.div(col, jnp.int32(block_k))  # which entry of the step
                 first = i * per_step
                 k_pos = block_id(first) * block_k + col
@@ -215,7 +206,7 @@ def _kernel(
                                         functools.partial(step, masked=True), carry)
         pl.when(wg == 0)(take_turn)
 
-        rows = first_pos + iota(jnp.int32, (WG_ROWS,), 0, row_layout)
+        rows = first_pos + plgpu.broadcasted_iota(jnp.int32, (WG_ROWS,), 0, layout=row_layout)
         keep = (rows < length) & (row_sum > 0)
         inv = jnp.where(keep, 1.0 / jnp.where(keep, row_sum, 1.0), 0.0)
         qo_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
@@ -266,7 +257,7 @@ def _tail_values(v: jax.Array, lengths: jax.Array, block_k: int) -> jax.Array:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "block_q", "block_k", "sm_scale", "interpret", "steps_in_flight", "blocks_per_step",
+        "block_q", "block_k", "sm_scale", "steps_in_flight", "blocks_per_step",
     ),
 )
 def sparse_attention_mgpu(
@@ -281,7 +272,6 @@ def sparse_attention_mgpu(
     lengths: jax.Array | None = None,
     q_offset: int | jax.Array = 0,
     sm_scale: float | None = None,
-    interpret: bool = False,
     steps_in_flight: int = DEFAULT_STEPS_IN_FLIGHT,
     blocks_per_step: int = DEFAULT_BLOCKS_PER_STEP,
 ) -> jax.Array:
@@ -295,7 +285,6 @@ def sparse_attention_mgpu(
       lengths: [batch] int32, valid keys per row (<= kv_len); defaults to kv_len.
       q_offset: absolute position of query 0 (an int or a traced int32 scalar).
       sm_scale: softmax scale; defaults to 1 / sqrt(head_dim).
-      interpret: run in Mosaic GPU interpret mode (CPU tests).
       steps_in_flight: steps' K/V held in shared memory at once (>= 2).
       blocks_per_step: list entries per step (its score tile is blocks_per_step * block_k
         keys wide).
@@ -344,7 +333,6 @@ def sparse_attention_mgpu(
                 group=num_heads // num_kv_heads,
                 qk_scale=_default_sm_scale(head_dim, sm_scale) * LOG2_E,
                 steps_in_flight=steps_in_flight, blocks_per_step=blocks_per_step,
-                interpret=interpret,
             ),
             (
                 tile_smem((COMPUTE_WGS, WG_ROWS, head_dim)),
@@ -361,11 +349,6 @@ def sparse_attention_mgpu(
             collective_axes="wg",
         )
 
-    kernel_kwargs = {}
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-        kernel_kwargs["interpret"] = InterpretGPUParams()
     out = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(qp.shape, q.dtype),
@@ -374,11 +357,9 @@ def sparse_attention_mgpu(
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        **kernel_kwargs,
     )(qp, k, v, _tail_values(v, lengths, block_k), block_indices.astype(jnp.int32), ranges,
       lengths, offsets)
     return out[:, :q_len] if q_pad else out
-
 
 
 def is_hopper() -> bool:
