@@ -13,9 +13,10 @@ KV head, so one copy of a block serves both), run their matrix products as async
 and take turns on the tensor cores (a schedule barrier), so one's softmax overlaps the
 other's matrix products.
 
-Grid: (query tile, head pair, batch), heaviest tiles (the latest queries) first. A program's
-steps are its tile's list entries: [0, n_full) unmasked, [n_full, n_live) masked by causality
-and the row's length, computed once for all programs by `_tile_ranges`.
+Work: an item is (query tile, head pair, batch), heaviest tiles (the latest queries) first;
+persistent programs, one per SM, walk the items in turn (FA3's scheduler, statically). An
+item's steps are its tile's list entries: [0, n_full) unmasked, [n_full, n_live) masked by
+causality and the row's length, computed once for all items by `_tile_ranges`.
 
 Keys and values past a row's length may be garbage, even NaN. Scores there are masked, but
 0 * NaN in the P @ V product is not 0, and a copy moves whole blocks: so the one listed block
@@ -41,6 +42,7 @@ from pallas_kernels.sparse_attention import (
     _tile_ranges,
     sparse_attention,
 )
+from pallas_kernels.sparse_decode import sm_count
 
 # Query rows of one consumer warpgroup: the M size of a wgmma.
 WG_ROWS = 64
@@ -89,10 +91,18 @@ def unsupported_reason(
 
 def _kernel(
     q_ref, k_ref, v_ref, v_tail_ref, idx_ref, range_ref, len_ref, off_ref, o_ref, scoped, *,
-    num_tiles: int, tiles_per_block: int, block_k: int, group: int, qk_scale: float,
-    steps_in_flight: int, blocks_per_step: int,
+    num_tiles: int, num_pairs: int, num_items: int, tiles_per_block: int, block_k: int,
+    group: int, qk_scale: float, steps_in_flight: int, blocks_per_step: int,
 ):
-    """One program: WG_ROWS queries of two heads of one KV head, over their tile's list.
+    """One persistent program: it walks work items program, program + P, ... (P programs),
+    an item being WG_ROWS queries of two heads of one KV head over their tile's list.
+
+    Items are ordered tile first (latest, heaviest tiles first), then head pair, then batch,
+    so the programs running at once read the same KV head's blocks (L2 reuse) and the lightest
+    items come last. The shared-memory slots and their barriers run on one step count across
+    a program's items: the producer fetches the next item's first blocks while the consumers
+    finish the last one (normalise, store), which is what a fresh program per item could not
+    overlap (its start-up and epilogue were the 32K gap to cuDNN; benchmarks/NOTES.md).
 
     A step covers blocks_per_step consecutive list entries (a [rows, blocks_per_step * block_k]
     score tile: fewer, larger matrix products); a step's entries past n_live repeat the last
@@ -103,22 +113,34 @@ def _kernel(
     range_ref: [B, K, num_tiles, 2] (n_full, n_live); len_ref, off_ref: [B].
     """
     (qo_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
-    batch = lax.axis_index("batch")
-    tile = num_tiles - 1 - lax.axis_index("tile")
-    kv_head = lax.div(COMPUTE_WGS * lax.axis_index("pair"), jnp.int32(group))
-    list_row = lax.div(tile, jnp.int32(tiles_per_block))
-    n_full = range_ref[batch, kv_head, tile, 0]
-    n_live = range_ref[batch, kv_head, tile, 1]
+    program = lax.axis_index("program")
+    num_programs = lax.axis_size("program")
+    my_items = lax.div(num_items - program + num_programs - 1, num_programs)
     per_step = jnp.int32(blocks_per_step)
-    n_steps = lax.div(n_live + per_step - 1, per_step)
     step_k = blocks_per_step * block_k
-
-    def block_id(entry):
-        return idx_ref[batch, kv_head, list_row, jnp.minimum(entry, n_live - 1)]
     wg = lax.axis_index("wg")
-    row0 = tile * WG_ROWS
     dtype = q_ref.dtype
     head_dim = q_ref.shape[-1]
+
+    def slot_of(step):
+        return lax.rem(step, jnp.int32(steps_in_flight))
+
+    def item_of(j):
+        """(batch, pair, tile, list row, n_full, n_live, n_steps) of this program's j-th item."""
+        item = program + j * num_programs
+        tile = num_tiles - 1 - lax.rem(item, jnp.int32(num_tiles))
+        rest = lax.div(item, jnp.int32(num_tiles))
+        pair = lax.rem(rest, jnp.int32(num_pairs))
+        batch = lax.div(rest, jnp.int32(num_pairs))
+        kv_head = lax.div(COMPUTE_WGS * pair, jnp.int32(group))
+        n_full = range_ref[batch, kv_head, tile, 0]
+        n_live = range_ref[batch, kv_head, tile, 1]
+        n_steps = lax.div(n_live + per_step - 1, per_step)
+        return batch, pair, kv_head, tile, n_full, n_live, n_steps
+
+    def block_id(batch, kv_head, tile, n_live, entry):
+        list_row = lax.div(tile, jnp.int32(tiles_per_block))
+        return idx_ref[batch, kv_head, list_row, jnp.minimum(entry, n_live - 1)]
 
     def take_turn():
         plgpu.barrier_arrive(turn)
@@ -127,122 +149,137 @@ def _kernel(
     @pl.when(wg < PRODUCER_WG)
     def _consumer():
         plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
-        head = COMPUTE_WGS * lax.axis_index("pair") + wg
         qo_smem = qo_smem2.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, WG_ROWS), head], qo_smem,
-                                q_ready.at[wg])
-        length = len_ref[batch]
-        first_pos = off_ref[batch] + row0
-        plgpu.barrier_wait(q_ready.at[wg])
-
         row_layout = plgpu.Layout.WGMMA.reduce(1)
-        m = plgpu.layout_cast(jnp.full((WG_ROWS,), MASK_VALUE, jnp.float32), row_layout)
-        row_sum = plgpu.layout_cast(jnp.full((WG_ROWS,), 0, jnp.float32), row_layout)
-        acc = plgpu.layout_cast(jnp.full((WG_ROWS, head_dim), 0, jnp.float32),
-                                plgpu.Layout.WGMMA)
 
-        @pl.when(n_steps > 0)
-        def _():
-            plgpu.barrier_wait(k_ready.at[0])
+        def run_item(j, first_step):
+            batch, pair, kv_head, tile, n_full, n_live, n_steps = item_of(j)
+            head = COMPUTE_WGS * pair + wg
+            row0 = tile * WG_ROWS
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, WG_ROWS), head], qo_smem,
+                                    q_ready.at[wg])
+            length = len_ref[batch]
+            first_pos = off_ref[batch] + row0
+            plgpu.barrier_wait(q_ready.at[wg])
+            m = plgpu.layout_cast(jnp.full((WG_ROWS,), MASK_VALUE, jnp.float32), row_layout)
+            row_sum = plgpu.layout_cast(jnp.full((WG_ROWS,), 0, jnp.float32), row_layout)
+            acc = plgpu.layout_cast(jnp.full((WG_ROWS, head_dim), 0, jnp.float32),
+                                    plgpu.Layout.WGMMA)
 
-        pl.when(wg == 1)(take_turn)
+            @pl.when(n_steps > 0)
+            def _():
+                plgpu.barrier_wait(k_ready.at[slot_of(first_step)])
 
-        def step(i, carry, masked: bool):
-            acc, m, row_sum = carry
-            slot = lax.rem(i, jnp.int32(steps_in_flight))
+            pl.when(wg == 1)(take_turn)
 
-            def qk_product(acc_ref):
-                plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                take_turn()
-                return acc_ref[...]
+            def step(i, carry, masked: bool):
+                acc, m, row_sum = carry
+                slot = slot_of(first_step + i)
 
-            s = pl.run_scoped(qk_product, plgpu.ACC((WG_ROWS, step_k), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            s = s * qk_scale
-            if masked:
-                shape = (WG_ROWS, step_k)
-                q_pos = first_pos + plgpu.broadcasted_iota(jnp.int32, shape, 0,
-                                                           layout=plgpu.Layout.WGMMA)
-                col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-                part = lax.div(col, jnp.int32(block_k))  # which entry of the step
-                first = i * per_step
-                k_pos = block_id(first) * block_k + col
-                for h in range(1, blocks_per_step):
-                    k_pos = jnp.where(part == h, block_id(first + h) * block_k + col - h * block_k,
-                                      k_pos)
-                visible = (k_pos <= q_pos) & (k_pos < length) & (first + part < n_live)
-                s = jnp.where(visible, s, MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            if masked:
-                # A row with no visible key yet has m_new == MASK_VALUE and exp2(0) == 1.
-                p = jnp.where(visible, p, 0.0)
-            row_sum = row_sum * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p16 = p.astype(dtype)
-            plgpu.barrier_arrive(turn)  # softmax done
-            plgpu.barrier_wait(v_ready.at[slot])
-            plgpu.barrier_wait(turn)  # the tensor cores are ours
+                def qk_product(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    take_turn()
+                    return acc_ref[...]
 
-            def pv_product(pv_ref):
-                plgpu.wgmma(pv_ref, p16, v_smem.at[slot])
-                nxt = i + 1
+                s = pl.run_scoped(qk_product, plgpu.ACC((WG_ROWS, step_k), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                s = s * qk_scale
+                if masked:
+                    shape = (WG_ROWS, step_k)
+                    q_pos = first_pos + plgpu.broadcasted_iota(jnp.int32, shape, 0,
+                                                               layout=plgpu.Layout.WGMMA)
+                    col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+                    part = lax.div(col, jnp.int32(block_k))  # which entry of the step
+                    first = i * per_step
 
-                @pl.when(nxt < n_steps)
-                def _():
-                    plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.int32(steps_in_flight))])
+                    def block_start(h):
+                        return block_id(batch, kv_head, tile, n_live, first + h) * block_k
 
-                return pv_ref[...]
+                    k_pos = block_start(0) + col
+                    for h in range(1, blocks_per_step):
+                        k_pos = jnp.where(part == h, block_start(h) + col - h * block_k, k_pos)
+                    visible = (k_pos <= q_pos) & (k_pos < length) & (first + part < n_live)
+                    s = jnp.where(visible, s, MASK_VALUE)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                if masked:
+                    # A row with no visible key yet has m_new == MASK_VALUE and exp2(0) == 1.
+                    p = jnp.where(visible, p, 0.0)
+                row_sum = row_sum * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p16 = p.astype(dtype)
+                plgpu.barrier_arrive(turn)  # softmax done
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_wait(turn)  # the tensor cores are ours
 
-            pv = pl.run_scoped(pv_product, plgpu.ACC((WG_ROWS, head_dim), jnp.float32))
-            plgpu.barrier_arrive(v_free.at[slot])
-            return acc + pv, m_new, row_sum
+                def pv_product(pv_ref):
+                    plgpu.wgmma(pv_ref, p16, v_smem.at[slot])
+                    nxt = i + 1
 
-        n_unmasked = lax.div(n_full, per_step)  # steps whose every entry is unmasked
-        carry = lax.fori_loop(0, n_unmasked, functools.partial(step, masked=False),
-                              (acc, m, row_sum))
-        acc, m, row_sum = lax.fori_loop(n_unmasked, n_steps,
-                                        functools.partial(step, masked=True), carry)
-        pl.when(wg == 0)(take_turn)
+                    @pl.when(nxt < n_steps)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[slot_of(first_step + nxt)])
 
-        rows = first_pos + plgpu.broadcasted_iota(jnp.int32, (WG_ROWS,), 0, layout=row_layout)
-        keep = (rows < length) & (row_sum > 0)
-        inv = jnp.where(keep, 1.0 / jnp.where(keep, row_sum, 1.0), 0.0)
-        qo_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[batch, pl.ds(row0, WG_ROWS), head])
-        plgpu.wait_smem_to_gmem(0)
+                    return pv_ref[...]
+
+                pv = pl.run_scoped(pv_product, plgpu.ACC((WG_ROWS, head_dim), jnp.float32))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc + pv, m_new, row_sum
+
+            n_unmasked = lax.div(n_full, per_step)  # steps whose every entry is unmasked
+            carry = lax.fori_loop(0, n_unmasked, functools.partial(step, masked=False),
+                                  (acc, m, row_sum))
+            acc, m, row_sum = lax.fori_loop(n_unmasked, n_steps,
+                                            functools.partial(step, masked=True), carry)
+            pl.when(wg == 0)(take_turn)
+
+            rows = first_pos + plgpu.broadcasted_iota(jnp.int32, (WG_ROWS,), 0,
+                                                      layout=row_layout)
+            keep = (rows < length) & (row_sum > 0)
+            inv = jnp.where(keep, 1.0 / jnp.where(keep, row_sum, 1.0), 0.0)
+            qo_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[batch, pl.ds(row0, WG_ROWS), head])
+            plgpu.wait_smem_to_gmem(0)  # the next item's queries reuse qo_smem
+            return first_step + n_steps
+
+        lax.fori_loop(0, my_items, run_item, jnp.int32(0))
 
     @pl.when(wg == PRODUCER_WG)
     def _producer():
         plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
-        tail = lax.div(len_ref[batch] - 1, jnp.int32(block_k))
+        def run_item(j, first_step):
+            batch, _, kv_head, tile, _, n_live, n_steps = item_of(j)
+            tail = lax.div(len_ref[batch] - 1, jnp.int32(block_k))
 
-        def fetch_block(j, k_dst, v_dst, slot):
-            rows = (batch, pl.ds(j * block_k, block_k), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_dst, k_ready.at[slot])
-            pl.when(j != tail)(lambda: plgpu.copy_gmem_to_smem(v_ref.at[rows], v_dst,
-                                                                v_ready.at[slot]))
-            pl.when(j == tail)(lambda: plgpu.copy_gmem_to_smem(
-                v_tail_ref.at[batch, :, kv_head], v_dst, v_ready.at[slot]))
+            def fetch_block(b, k_dst, v_dst, slot):
+                rows = (batch, pl.ds(b * block_k, block_k), kv_head)
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_dst, k_ready.at[slot])
+                pl.when(b != tail)(lambda: plgpu.copy_gmem_to_smem(v_ref.at[rows], v_dst,
+                                                                    v_ready.at[slot]))
+                pl.when(b == tail)(lambda: plgpu.copy_gmem_to_smem(
+                    v_tail_ref.at[batch, :, kv_head], v_dst, v_ready.at[slot]))
 
-        def fetch(i, slot):
-            for h in range(blocks_per_step):
-                part = pl.ds(h * block_k, block_k)
-                fetch_block(block_id(i * per_step + h), k_smem.at[slot, part],
-                            v_smem.at[slot, part], slot)
+            @pl.loop(jnp.int32(0), n_steps)
+            def _(i):
+                step = first_step + i
+                slot = slot_of(step)
 
-        for i in range(steps_in_flight):
-            pl.when(i < n_steps)(functools.partial(fetch, jnp.int32(i), jnp.int32(i)))
+                @pl.when(step >= steps_in_flight)  # the slot's previous step is consumed
+                def _():
+                    plgpu.barrier_wait(k_free.at[slot])
+                    plgpu.barrier_wait(v_free.at[slot])
 
-        @pl.loop(jnp.int32(steps_in_flight), n_steps)
-        def _(i):
-            slot = lax.rem(i, jnp.int32(steps_in_flight))
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
-            fetch(i, slot)
+                for h in range(blocks_per_step):
+                    part = pl.ds(h * block_k, block_k)
+                    fetch_block(block_id(batch, kv_head, tile, n_live, i * per_step + h),
+                                k_smem.at[slot, part], v_smem.at[slot, part], slot)
+
+            return first_step + n_steps
+
+        lax.fori_loop(0, my_items, run_item, jnp.int32(0))
 
 
 def _tail_values(v: jax.Array, lengths: jax.Array, block_k: int) -> jax.Array:
@@ -257,7 +294,7 @@ def _tail_values(v: jax.Array, lengths: jax.Array, block_k: int) -> jax.Array:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "block_q", "block_k", "sm_scale", "steps_in_flight", "blocks_per_step",
+        "block_q", "block_k", "sm_scale", "steps_in_flight", "blocks_per_step", "num_programs",
     ),
 )
 def sparse_attention_mgpu(
@@ -274,6 +311,7 @@ def sparse_attention_mgpu(
     sm_scale: float | None = None,
     steps_in_flight: int = DEFAULT_STEPS_IN_FLIGHT,
     blocks_per_step: int = DEFAULT_BLOCKS_PER_STEP,
+    num_programs: int | None = None,
 ) -> jax.Array:
     """Block-sparse flash attention (Pallas, Mosaic GPU lowering); the reference's contract.
 
@@ -288,6 +326,8 @@ def sparse_attention_mgpu(
       steps_in_flight: steps' K/V held in shared memory at once (>= 2).
       blocks_per_step: list entries per step (its score tile is blocks_per_step * block_k
         keys wide).
+      num_programs: persistent programs sharing the work items; defaults to one per SM of
+        the device (one item each where the device reports no SMs).
 
     Returns:
       [batch, q_len, num_heads, head_dim] in q's dtype.
@@ -307,6 +347,11 @@ def sparse_attention_mgpu(
         return jnp.zeros_like(q)
     tiles_per_block = block_q // WG_ROWS
     num_tiles = num_q_blocks * tiles_per_block
+    num_pairs = num_heads // COMPUTE_WGS
+    num_items = num_tiles * num_pairs * batch
+    if num_programs is None:
+        num_programs = sm_count() or num_items
+    num_programs = max(1, min(num_programs, num_items))
     lengths = lengths.astype(jnp.int32)
     ranges = _tile_ranges(
         block_indices.astype(jnp.int32), block_counts.astype(jnp.int32), lengths,
@@ -329,7 +374,8 @@ def sparse_attention_mgpu(
             lambda *scoped: _kernel(
                 q_ref, k_ref, v_ref, v_tail_ref, idx_ref, range_ref, len_ref, off_ref, o_ref,
                 scoped,
-                num_tiles=num_tiles, tiles_per_block=tiles_per_block, block_k=block_k,
+                num_tiles=num_tiles, num_pairs=num_pairs, num_items=num_items,
+                tiles_per_block=tiles_per_block, block_k=block_k,
                 group=num_heads // num_kv_heads,
                 qk_scale=_default_sm_scale(head_dim, sm_scale) * LOG2_E,
                 steps_in_flight=steps_in_flight, blocks_per_step=blocks_per_step,
@@ -352,8 +398,8 @@ def sparse_attention_mgpu(
     out = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(qp.shape, q.dtype),
-        grid=(num_tiles, num_heads // COMPUTE_WGS, batch),
-        grid_names=("tile", "pair", "batch"),
+        grid=(num_programs,),
+        grid_names=("program",),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

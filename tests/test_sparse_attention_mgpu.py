@@ -19,17 +19,19 @@ from pallas_kernels.sparse_attention_mgpu import (
 )
 from tests.test_sparse_attention_kernel import Case, make_inputs
 
-# (batch, q_len, heads, kv_heads, head_dim, q_offset, kv_len, blocks_per_step, steps_in_flight)
+# (batch, q_len, heads, kv_heads, head_dim, q_offset, kv_len, blocks_per_step, steps_in_flight,
+#  num_programs)
 LOWERING_CASES = [
-    (2, 1000, 8, 2, 128, 0, 1024, 2, 3),  # ragged q (padded tile), GQA 4
-    (1, 256, 4, 2, 64, 3072, 4133, 2, 2),  # a later chunk, kv_len not a multiple of the block
-    (2, 512, 8, 4, 128, 0, 512, 1, 4),  # one entry per step
+    (2, 1000, 8, 2, 128, 0, 1024, 2, 3, None),  # ragged q (padded tile), GQA 4
+    (1, 256, 4, 2, 64, 3072, 4133, 2, 2, None),  # a later chunk, kv_len not a block multiple
+    (2, 512, 8, 4, 128, 0, 512, 1, 4, None),  # one entry per step
+    (2, 1000, 8, 2, 128, 0, 1024, 2, 3, 5),  # persistent programs walking several items
 ]
 
 
 @pytest.mark.parametrize("case", LOWERING_CASES, ids=str)
 def test_kernel_lowers_for_cuda(case):
-    batch, q_len, heads, kv_heads, dim, q_offset, kv_len, per_step, in_flight = case
+    batch, q_len, heads, kv_heads, dim, q_offset, kv_len, per_step, in_flight, programs = case
     nq = -(-q_len // 64)
     sds = jax.ShapeDtypeStruct
     args = (sds((batch, q_len, heads, dim), jnp.bfloat16),
@@ -41,7 +43,7 @@ def test_kernel_lowers_for_cuda(case):
     def run(q, k, v, idx, cnt, lengths):
         return sparse_attention_mgpu(q, k, v, idx, cnt, block_q=64, block_k=64, lengths=lengths,
                                      q_offset=q_offset, blocks_per_step=per_step,
-                                     steps_in_flight=in_flight)
+                                     steps_in_flight=in_flight, num_programs=programs)
 
     text = jax.jit(run).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
