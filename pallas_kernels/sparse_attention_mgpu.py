@@ -13,10 +13,11 @@ KV head, so one copy of a block serves both), run their matrix products as async
 and take turns on the tensor cores (a schedule barrier), so one's softmax overlaps the
 other's matrix products.
 
-Work: an item is (query tile, head pair, batch), heaviest tiles (the latest queries) first;
-persistent programs, one per SM, walk the items in turn (FA3's scheduler, statically). An
-item's steps are its tile's list entries: [0, n_full) unmasked, [n_full, n_live) masked by
-causality and the row's length, computed once for all items by `_tile_ranges`.
+Work: an item is (query tile, head pair, batch), heaviest tiles (the latest queries) first.
+Where items are few, persistent programs, one per SM, walk them in turn (FA3's scheduler,
+statically); else each item is a program (`default_num_programs`). An item's steps are its
+tile's list entries: [0, n_full) unmasked, [n_full, n_live) masked by causality and the
+row's length, computed once for all items by `_tile_ranges`.
 
 Keys and values past a row's length may be garbage, even NaN. Scores there are masked, but
 0 * NaN in the P @ V product is not 0, and a copy moves whole blocks: so the one listed block
@@ -66,6 +67,10 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # two query tiles, fill the 227 KiB of shared memory at head_dim 128.
 DEFAULT_STEPS_IN_FLIGHT = 3
 DEFAULT_BLOCKS_PER_STEP = 2
+# Measured on an H100 (Llama-3-8B heads, batch 1, 10-30% density; benchmarks/NOTES.md):
+# persistent programs run 5-7% faster than one program per item at 32K tokens (62 items an
+# SM), within +-2.5% at 128K (248) and 12% slower at 512K (993).
+MAX_PERSISTENT_ITEMS = 128
 
 
 def unsupported_reason(
@@ -94,15 +99,16 @@ def _kernel(
     num_tiles: int, num_pairs: int, num_items: int, tiles_per_block: int, block_k: int,
     group: int, qk_scale: float, steps_in_flight: int, blocks_per_step: int,
 ):
-    """One persistent program: it walks work items program, program + P, ... (P programs),
-    an item being WG_ROWS queries of two heads of one KV head over their tile's list.
+    """One program: it walks work items program, program + P, ... (P programs; one item
+    each when P is the number of items), an item being WG_ROWS queries of two heads of one KV
+    head over their tile's list.
 
-    Items are ordered tile first (latest, heaviest tiles first), then head pair, then batch,
-    so the programs running at once read the same KV head's blocks (L2 reuse) and the lightest
-    items come last. The shared-memory slots and their barriers run on one step count across
-    a program's items: the producer fetches the next item's first blocks while the consumers
-    finish the last one (normalise, store), which is what a fresh program per item could not
-    overlap (its start-up and epilogue were the 32K gap to cuDNN; benchmarks/NOTES.md).
+    Items are ordered head pair of a KV head first, then tile (latest, heaviest first), then
+    KV head, then batch: the programs running at once read one KV head's blocks for both its
+    pairs and for neighbouring tiles (L2 hits: at long lengths the listed blocks stream at
+    more than HBM's bandwidth), and the lightest items come last. The shared-memory slots and
+    their barriers run on one step count across a program's items, so a persistent program's
+    producer fetches the next item's first blocks while its consumers finish the last one.
 
     A step covers blocks_per_step consecutive list entries (a [rows, blocks_per_step * block_k]
     score tile: fewer, larger matrix products); a step's entries past n_live repeat the last
@@ -128,10 +134,14 @@ def _kernel(
     def item_of(j):
         """(batch, pair, tile, list row, n_full, n_live, n_steps) of this program's j-th item."""
         item = program + j * num_programs
-        tile = num_tiles - 1 - lax.rem(item, jnp.int32(num_tiles))
-        rest = lax.div(item, jnp.int32(num_tiles))
-        pair = lax.rem(rest, jnp.int32(num_pairs))
-        batch = lax.div(rest, jnp.int32(num_pairs))
+        pairs_per_kv = group // COMPUTE_WGS
+        within = lax.rem(item, jnp.int32(pairs_per_kv))
+        rest = lax.div(item, jnp.int32(pairs_per_kv))
+        tile = num_tiles - 1 - lax.rem(rest, jnp.int32(num_tiles))
+        rest = lax.div(rest, jnp.int32(num_tiles))
+        num_kv = num_pairs // pairs_per_kv
+        pair = lax.rem(rest, jnp.int32(num_kv)) * pairs_per_kv + within
+        batch = lax.div(rest, jnp.int32(num_kv))
         kv_head = lax.div(COMPUTE_WGS * pair, jnp.int32(group))
         n_full = range_ref[batch, kv_head, tile, 0]
         n_live = range_ref[batch, kv_head, tile, 1]
@@ -282,6 +292,20 @@ def _kernel(
         lax.fori_loop(0, my_items, run_item, jnp.int32(0))
 
 
+def default_num_programs(num_items: int, sms: int | None = None) -> int:
+    """One persistent program per SM (default: the device's) while each walks at most
+    MAX_PERSISTENT_ITEMS items, else one program per item.
+
+    Persistence hides each item's start-up and epilogue behind the next item's copies, which
+    pays where items are short (32K tokens); over many items the statically assigned programs
+    drift apart, the blocks read at once spread over more of the cache, and the hardware's own
+    scheduling of one program per item keeps more of them in L2 (512K tokens)."""
+    sms = sm_count() if sms is None else sms
+    if sms and num_items <= MAX_PERSISTENT_ITEMS * sms:
+        return sms
+    return num_items
+
+
 def _tail_values(v: jax.Array, lengths: jax.Array, block_k: int) -> jax.Array:
     """[B, block_k, K, D]: per row, v's block holding its last valid key, zero past the length
     (a row of length 0 gets block 0, all zero)."""
@@ -326,8 +350,8 @@ def sparse_attention_mgpu(
       steps_in_flight: steps' K/V held in shared memory at once (>= 2).
       blocks_per_step: list entries per step (its score tile is blocks_per_step * block_k
         keys wide).
-      num_programs: persistent programs sharing the work items; defaults to one per SM of
-        the device (one item each where the device reports no SMs).
+      num_programs: programs sharing the work items (`default_num_programs` by default;
+        one item each where the device reports no SMs).
 
     Returns:
       [batch, q_len, num_heads, head_dim] in q's dtype.
@@ -350,7 +374,7 @@ def sparse_attention_mgpu(
     num_pairs = num_heads // COMPUTE_WGS
     num_items = num_tiles * num_pairs * batch
     if num_programs is None:
-        num_programs = sm_count() or num_items
+        num_programs = default_num_programs(num_items)
     num_programs = max(1, min(num_programs, num_items))
     lengths = lengths.astype(jnp.int32)
     ranges = _tile_ranges(

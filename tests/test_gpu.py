@@ -200,8 +200,8 @@ def test_ablation_attention_through_cudnn_is_as_accurate_as_the_training_path():
 
 # The Mosaic GPU prefill kernel on Llama-3-8B-like heads: ragged rows over a NaN-poisoned cache,
 # a later chunk, a two-tile query block, one entry per step, few persistent programs (many
-# items each, so slots and barriers carry across items), and every kind of list (empty,
-# full, random, with the diagonal, with future blocks).
+# items each, so slots and barriers carry across items) at GQA 2 and 8, and every kind of
+# list (empty, full, random, with the diagonal, with future blocks).
 MGPU_CASES = [
     (Case(101, 2, 2000, 32, 8, 128, 64, 64, jnp.bfloat16, lengths=(2000, 1400)), {}),
     (Case(102, 1, 1024, 16, 4, 64, 64, 64, jnp.bfloat16, lengths=(4000,), q_offset=3072,
@@ -209,10 +209,10 @@ MGPU_CASES = [
     (Case(103, 2, 1536, 8, 2, 128, 128, 64, jnp.bfloat16, lengths=(1536, 777)), {}),
     (Case(104, 2, 2000, 32, 8, 128, 64, 64, jnp.bfloat16, lengths=(1999, 1024)),
      {"blocks_per_step": 1, "steps_in_flight": 4}),
-    (Case(105, 2, 2000, 32, 8, 128, 64, 64, jnp.bfloat16, lengths=(2000, 1333)),
-     {"num_programs": 7}),
-    (Case(106, 1, 1024, 16, 4, 64, 64, 64, jnp.float16, lengths=(4000,), q_offset=3072,
-          kv_len=4133), {"num_programs": 1, "steps_in_flight": 2}),
+    (Case(105, 2, 2000, 16, 8, 128, 64, 64, jnp.bfloat16, lengths=(2000, 1333)),
+     {"num_programs": 7}),  # GQA 2
+    (Case(106, 1, 1024, 32, 4, 64, 64, 64, jnp.bfloat16, lengths=(4000,), q_offset=3072,
+          kv_len=4133), {"num_programs": 1, "steps_in_flight": 2}),  # GQA 8
 ]
 
 

@@ -13,6 +13,8 @@ import pytest
 
 from pallas_kernels.sparse_attention import sparse_attention
 from pallas_kernels.sparse_attention_mgpu import (
+    MAX_PERSISTENT_ITEMS,
+    default_num_programs,
     sparse_attention_gpu,
     sparse_attention_mgpu,
     unsupported_reason,
@@ -26,6 +28,7 @@ LOWERING_CASES = [
     (1, 256, 4, 2, 64, 3072, 4133, 2, 2, None),  # a later chunk, kv_len not a block multiple
     (2, 512, 8, 4, 128, 0, 512, 1, 4, None),  # one entry per step
     (2, 1000, 8, 2, 128, 0, 1024, 2, 3, 5),  # persistent programs walking several items
+    (1, 700, 16, 2, 64, 0, 700, 2, 3, 3),  # GQA 8: four head pairs a KV head
 ]
 
 
@@ -84,3 +87,12 @@ def test_gpu_dispatch_runs_triton_when_interpreting():
     np.testing.assert_array_equal(np.asarray(out, np.float32),
                                   np.asarray(sparse_attention(q, k, v, idx, cnt, **kwargs),
                                              np.float32))
+
+
+def test_programs_are_persistent_only_over_few_items():
+    sms = 132
+    assert default_num_programs(64 * sms, sms) == sms
+    assert default_num_programs(MAX_PERSISTENT_ITEMS * sms, sms) == sms
+    many = MAX_PERSISTENT_ITEMS * sms + 1
+    assert default_num_programs(many, sms) == many
+    assert default_num_programs(10, None) == 10  # this CPU reports no SMs
