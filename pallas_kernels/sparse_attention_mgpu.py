@@ -132,7 +132,7 @@ def _kernel(
         return lax.rem(step, jnp.int32(steps_in_flight))
 
     def item_of(j):
-        """(batch, pair, tile, list row, n_full, n_live, n_steps) of this program's j-th item."""
+        """(batch, pair, kv_head, tile, n_full, n_live, n_steps) of this program's j-th item."""
         item = program + j * num_programs
         pairs_per_kv = group // COMPUTE_WGS
         within = lax.rem(item, jnp.int32(pairs_per_kv))
