@@ -555,6 +555,16 @@ def _compaction(selected: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.
     return slots, jnp.where(selected, j, last_index[:, None])
 
 
+def compact_lists(selected: jax.Array, counts: jax.Array, width: int) -> jax.Array:
+    """Masks [R, N] bool with counts [R] -> ascending block lists [R, width] int32 (XLA), in
+    the selection's output form: entries past a count repeat the last selected index (0 when
+    none). A prefix sum and one scatter: no sort."""
+    slots, values = _compaction(selected, counts)
+    rows = jnp.arange(selected.shape[0])[:, None]
+    return jnp.zeros((selected.shape[0], width), jnp.int32).at[rows, slots].set(
+        values, mode="drop")
+
+
 def _select_kernel(l_ref, last_ref, idx_ref, cnt_ref, *, tile_rows: int, num_rows: int,
                    rows_per_batch: int, nq: int, nk: int, nk_pad: int, max_sel: int, rule: dict):
     """One program: the selection of tile_rows rows.
@@ -678,10 +688,7 @@ def select_blocks_bisect(
     selected, counts = _selection_mask(flat, last, top_p=top_p, sink_blocks=sink_blocks,
                                        local_blocks=local_blocks, min_blocks=min_blocks,
                                        max_blocks=max_blocks, top_k=top_k)
-    slots, values = _compaction(selected, counts)
-    rows = jnp.arange(flat.shape[0])[:, None]
-    indices = jnp.zeros((flat.shape[0], max_sel), jnp.int32).at[rows, slots].set(
-        values, mode="drop")
+    indices = compact_lists(selected, counts, max_sel)
     return indices.reshape(b, g, nq, max_sel), counts.reshape(b, g, nq)
 
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.indexer_topp import compact_lists
 from pallas_kernels.local_attention import window_block_lists
 from pallas_kernels.sparse_decode import sparse_decode_reference
 from rtpurbo_jax.cache import (
@@ -311,20 +312,24 @@ def layer_prefill(qkv: QKV, lengths: jax.Array, layer: int, config: ModelConfig,
 
 def blocks_to_mask(indices: jax.Array, counts: jax.Array, num_blocks: int) -> jax.Array:
     """Block lists [..., max_sel] with counts [...] -> a membership mask [..., num_blocks]."""
-    listed = jnp.arange(indices.shape[-1]) < counts[..., None]
-    hits = jax.nn.one_hot(indices, num_blocks, dtype=jnp.bool_) & listed[..., None]
-    return jnp.any(hits, axis=-2)
+    lead, max_sel = indices.shape[:-1], indices.shape[-1]
+    flat = indices.reshape(-1, max_sel)
+    listed = jnp.arange(max_sel) < counts.reshape(-1, 1)
+    rows = jnp.arange(flat.shape[0])[:, None]
+    # A scatter, not a one-hot: that one is [..., max_sel, num_blocks] (at 128K decode, 4 heads:
+    # 1.7M entries a layer). Unlisted entries go out of range and are dropped.
+    mask = jnp.zeros((flat.shape[0], num_blocks), jnp.bool_).at[
+        rows, jnp.where(listed, flat, num_blocks)].set(True, mode="drop")
+    return mask.reshape(*lead, num_blocks)
 
 
 def mask_to_blocks(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A membership mask [..., nk] -> (ascending block lists [..., nk], counts [...]); entries
     past a count repeat the last listed block (0 when none), as the kernels expect."""
-    counts = jnp.sum(mask, axis=-1).astype(jnp.int32)
-    order = jnp.argsort(~mask, axis=-1, stable=True).astype(jnp.int32)
-    last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
-    slot = jnp.arange(mask.shape[-1])
-    return jnp.where(slot < counts[..., None], order, jnp.where(counts[..., None] > 0, last, 0)
-                     ), counts
+    flat = mask.reshape(-1, mask.shape[-1])
+    counts = jnp.sum(flat, axis=-1).astype(jnp.int32)
+    lists = compact_lists(flat, counts, flat.shape[-1])
+    return lists.reshape(mask.shape), counts.reshape(mask.shape[:-1])
 
 
 def _listed_keys(indices: jax.Array, counts: jax.Array, lengths: jax.Array, block_k: int

@@ -191,6 +191,20 @@ def test_block_lists_and_masks_round_trip():
         assert (row[c:] == (row[c - 1] if c else 0)).all()
 
 
+def test_blocks_to_mask_is_the_listed_set():
+    """Only entries before a row's count are members (a count of 0 lists nothing, though its
+    padding repeats block 0); repeated entries are one member."""
+    rng = np.random.default_rng(11)
+    indices = rng.integers(0, 40, size=(2, 3, 5, 12)).astype(np.int32)
+    counts = rng.integers(0, 13, size=(2, 3, 5)).astype(np.int32)
+    counts[0, 0, 0], counts[1, 2, 4] = 0, 12
+    want = np.zeros((2, 3, 5, 40), bool)
+    for pos in np.ndindex(counts.shape):
+        want[pos][indices[pos][:counts[pos]]] = True
+    np.testing.assert_array_equal(
+        np.asarray(blocks_to_mask(jnp.asarray(indices), jnp.asarray(counts), 40)), want)
+
+
 @pytest.mark.parametrize("mask", [KV_ROUTED, HEAD_ROUTED])
 def test_paper_pallas_path_matches_reference(model, mask):
     """The Pallas kernels (interpreted here) give the reference's logits and generations."""
