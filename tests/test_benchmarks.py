@@ -17,7 +17,8 @@ SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))
 
 def test_every_benchmark_is_covered():
     assert SCRIPTS == ["bench_generate.py", "bench_kernels.py", "bench_layer.py", "bench_local.py",
-                       "bench_model.py", "bench_paper_layer.py", "kv_bytes.py"]
+                       "bench_model.py", "bench_paper_layer.py", "kv_bytes.py",
+                       "profile_decode.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -100,3 +101,24 @@ def test_model_bench_appends_runs_into_one_table():
     assert dense["extrapolated_ms"] == pytest.approx(dense_ms(4096))
     assert dense["note"].count("extrapolated") == 1 and "[512, 1024, 2048]" in dense["note"]
     assert rows[-1]["speedup"] == pytest.approx(dense_ms(4096) / 5.0)
+
+
+def test_decode_profile_names_the_operation_of_a_fusion_kernel():
+    """A GPU kernel is named after its fusion with underscores where the instruction has dots,
+    or after the deduplicated instruction it shares code with; both find the HLO op."""
+    from benchmarks.profile_decode import instruction_info, summarise
+
+    hlo = ("  %loop_add_fusion.7 = bf16[1,4096]{1,0} fusion(%a, %b), kind=kLoop, "
+           'metadata={op_name="jit(step)/add" deduplicated_name="loop_add_fusion.3"}\n'
+           "  ROOT %gemm_fusion_dot.2 = bf16[1,8]{1,0} fusion(%c), kind=kCustom, "
+           'metadata={op_name="jit(step)/dot_general"}\n')
+    info = instruction_info(hlo)
+    events = [("loop_add_fusion_3", 4.0), ("gemm_fusion_dot_2", 10.0), ("gemm_fusion_dot_2", 6.0),
+              ("cudnn_kernel", 2.0)]
+    out = summarise(events, steps=2, info=info, top=2)
+    assert out["kernel_us"] == 11.0 and out["launches"] == 2.0
+    assert out["kernels"] == [
+        {"name": "gemm_fusion_dot_2", "calls": 1.0, "us": 8.0, "op": "jit(step)/dot_general",
+         "shape": "bf16[1,8]{1,0}"},
+        {"name": "loop_add_fusion_3", "calls": 0.5, "us": 2.0, "op": "jit(step)/add",
+         "shape": "bf16[1,4096]{1,0}"}]
