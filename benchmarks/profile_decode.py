@@ -11,8 +11,10 @@ Run from the repository root on a GPU:
 Smoke run (CPU, a tiny random model, < 60 s): `--smoke`. Off a GPU the kernels are XLA's CPU
 operations, found by their instruction names.
 
-Per design: the step's wall time (median of `--steps` calls after warm-up, one call at a time
-as `bench_model` times it), the summed kernel time per step, the kernels launched per step,
+Per design: the step's wall time as `bench_model` times it (`--steps` calls after warm-up, each
+dispatched while the previous one runs) and one call at a time (`alone_ms`, the median: the
+host's dispatch of the call is then not hidden), the summed kernel time per step, the kernels
+launched per step,
 and the `--top` kernels by time: name, calls and microseconds per step, and the HLO operation
 (`op_name` of the instruction's metadata, e.g. `jit(decode_step)/bse,ehd->bshd/dot_general`)
 and result shape where the kernel is a named instruction of the compiled step (cuDNN's and
@@ -113,12 +115,17 @@ def profile_row(params: Any, config: Any, design: str, args: argparse.Namespace
     for _ in range(2):
         logits, cache, _ = compiled(params, cache, tokens, indexer=indexer)
     jax.block_until_ready(logits)
-    times = []
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        logits, cache, _ = compiled(params, cache, tokens, indexer=indexer)
+    jax.block_until_ready(logits)
+    step_ms = (time.perf_counter() - start) * 1e3 / args.steps
+    alone = []
     for _ in range(args.steps):
         start = time.perf_counter()
         logits, cache, _ = compiled(params, cache, tokens, indexer=indexer)
         jax.block_until_ready(logits)
-        times.append((time.perf_counter() - start) * 1e3)
+        alone.append((time.perf_counter() - start) * 1e3)
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             for _ in range(args.steps):
@@ -129,7 +136,8 @@ def profile_row(params: Any, config: Any, design: str, args: argparse.Namespace
         events = kernel_events(xplane, set(info))
     return {"design": design, "length": args.length, "batch": args.batch,
             "density": None if sparse is None else args.density,
-            "step_ms": float(np.median(times)), **summarise(events, args.steps, info, args.top)}
+            "step_ms": step_ms, "alone_ms": float(np.median(alone)),
+            **summarise(events, args.steps, info, args.top)}
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -171,8 +179,8 @@ def main(argv: Sequence[str]) -> None:
     for design in args.designs:
         row = profile_row(params, config, design, args)
         result["rows"].append(row)
-        log(f"{design}: step {row['step_ms']:.2f} ms, kernels {row['kernel_us'] / 1e3:.2f} ms, "
-            f"{row['launches']:.0f} launches")
+        log(f"{design}: step {row['step_ms']:.2f} ms ({row['alone_ms']:.2f} alone), kernels "
+            f"{row['kernel_us'] / 1e3:.2f} ms, {row['launches']:.0f} launches")
         for k in row["kernels"][:12]:
             log(f"  {k['us']:9.1f} us {k['calls']:5.0f}x  {k['name'][:40]:40s} {k['op'] or ''}")
         with open(path, "w") as fh:
