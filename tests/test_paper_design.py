@@ -19,7 +19,7 @@ from rtpurbo_jax.config import ConfigError, SparseConfig
 from rtpurbo_jax.dense import dense_attention_reference
 from rtpurbo_jax.indexer import init_indexer
 from rtpurbo_jax.model import QKV
-from rtpurbo_jax.paper_attention import blocks_to_mask, mask_to_blocks
+from rtpurbo_jax.paper_attention import blocks_to_mask, mask_to_blocks, sink_window_keys
 from rtpurbo_jax.selection import select_decode
 from tests.tiny import TINY, tiny_model
 
@@ -134,6 +134,25 @@ def test_decode_over_the_ring_equals_the_masked_forward(model, mask):
     for b, row in enumerate(ROWS):
         expected = np.asarray(sparse_model([row + STEPS[b]]))[0, -1]
         assert _err(expected, logits[b]) <= TOL
+
+
+@pytest.mark.parametrize("sink_tokens", [4, 0])
+def test_sink_window_keys_attend_as_the_whole_cache(sink_tokens):
+    """A local head of a full group decodes over the sinks and window cut from the cache as over
+    the whole cache masked: rows shorter than the window, at its edge, and far past it."""
+    sparse = _paper(HEAD_ROUTED, sink_tokens=sink_tokens)  # window 32
+    rng = np.random.default_rng(3)
+    lengths = jnp.asarray([1, 3, 30, 36, 37, 90, 150], jnp.int32)
+    b, max_len = lengths.shape[0], 150
+    q = jnp.asarray(rng.normal(size=(b, 1, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, max_len, 2, 8)), jnp.float32) for _ in range(2))
+    cut_k, cut_v, positions = sink_window_keys(k, v, lengths, sparse)
+    assert cut_k.shape[1] == sink_tokens + 32
+    common = dict(sliding_window=32, sink_tokens=sink_tokens)
+    got = dense_attention_reference(q, cut_k, cut_v, (lengths - 1)[:, None], lengths,
+                                    key_positions=positions, **common)
+    want = dense_attention_reference(q, k, v, (lengths - 1)[:, None], lengths, **common)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 def test_every_head_retrieval_at_p_one_is_dense(model):
