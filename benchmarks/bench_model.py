@@ -8,7 +8,8 @@ Run from the repository root on a GPU (H100 up to 128K; 512K and 1M need an H200
     PYTHONPATH=. python3 benchmarks/bench_model.py --lengths 131072 --decode-batches 1,16
 
     options: --designs dense,paper,indexer  --layers N (default: the config's 32)
-             --density 0.1  --retrieval-groups 1  --window 8192  --prefill-chunk TOKENS
+             --density 0.1  --retrieval-groups 1  --routing kv|query  --window 8192
+             --prefill-chunk TOKENS
              --decode-steps 16  --out-dir DIR  --append
 
 Smoke run (CPU, a tiny random model, no downloads, < 60 s):
@@ -17,24 +18,25 @@ Smoke run (CPU, a tiny random model, no downloads, < 60 s):
 
 Both sparse designs route `--retrieval-groups` of the 8 KV groups per layer (paper: their query
 heads are retrieval heads, the others local on 4 sinks + `--window` keys; indexer: those groups
-stay dense, the others select blocks). Random weights rank blocks at random, so the selected
-share of causal key blocks is fixed by a cap (`max_blocks`) at `--density` of the blocks: the
-timing is that of a trained model at that density, not a claim about which density a trained
-model reaches. Decode runs on a cache of `length` synthetic positions (its cost depends on
-shapes and lengths, not values), so no prefill of `batch` long prompts is needed to time it.
+stay dense, the others select blocks). `--routing query` (paper design) spreads as many
+retrieval query heads one per KV group instead, as query-head routing does. Random weights rank
+blocks at random, so the selected share of causal key blocks is fixed by a cap (`max_blocks`) at
+`--density` of the blocks: the timing is that of a trained model at that density, not a claim
+about which density a trained model reaches. Decode runs on a cache of `length` synthetic
+positions (its cost depends on shapes and lengths, not values), so no prefill of `batch` long
+prompts is needed to time it.
 
 Rows: {bench: "model_prefill" | "model_decode", design, length, batch, ms (prefill: the whole
 prompt; decode: one step of the batch), dense_ms, speedup, tokens_per_s (decode), peak_bytes
 (XLA's memory analysis of the program: arguments + outputs - aliased + temporaries), kv_bytes,
-dense_kv_bytes, density, note}. A program whose weights and KV cache alone exceed the device
-is not compiled; it and one that runs out of memory are rows with ms null and a note that
-starts "does not fit". A dense prefill that does not fit gets a time extrapolated from
-b*L + c*L^2 over the dense lengths measured, a dense decode from a + b*batch over the
-dense batches measured at its length (labelled "extrapolated"). XLA may use 95% of the GPU
-(XLA_PYTHON_CLIENT_MEM_FRACTION, unless set). Results: OUT_DIR/model_<device
-tag>.json with the device, jax version and commit; `--append` adds to that file (the runs
-listed under "runs", each with its commit), so lengths measured in separate jobs share one
-table and one dense fit.
+dense_kv_bytes, density, routing (paper design), note}. A program whose weights and KV cache
+alone exceed the device is not compiled; it and one that runs out of memory are rows with ms
+null and a note that starts "does not fit". A dense prefill that does not fit gets a time
+extrapolated from b*L + c*L^2 over the dense lengths measured, a dense decode from a + b*batch
+over the dense batches measured at its length (labelled "extrapolated"). XLA may use 95% of the
+GPU (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set). Results: OUT_DIR/model_<device tag>.json with
+the device, jax version and commit; `--append` adds to that file (the runs listed under "runs",
+each with its commit), so lengths measured in separate jobs share one table and one dense fit.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from rtpurbo_jax.indexer import init_indexer  # noqa: E402
 from rtpurbo_jax.model import init_params  # noqa: E402
 
 DESIGNS = ("dense", "paper", "indexer")
+ROUTINGS = ("kv", "query")
 SMOKE_CONFIG = ModelConfig(family="llama", vocab_size=96, hidden_size=64, intermediate_size=96,
                            num_layers=2, num_heads=8, num_kv_heads=4, head_dim=16,
                            max_position_embeddings=4096, name="tiny-random")
@@ -101,13 +104,25 @@ def sparse_config(design: str, config: ModelConfig, length: int,
     common = dict(rank=RANK, top_p=TOP_P, block_q=BLOCK, block_k=BLOCK, max_blocks=cap,
                   sink_blocks=1, local_blocks=local_blocks)
     if design == "paper":
-        row = tuple(h // config.group_size < args.retrieval_groups
-                    for h in range(config.num_heads))
+        row = paper_row(config, args.retrieval_groups, args.routing)
         return SparseConfig((row,) * config.num_layers, design="paper",
                             group_size=config.group_size, sink_tokens=4,
                             window=args.window, **common)
     row = tuple(g < args.retrieval_groups for g in range(config.num_kv_heads))
     return SparseConfig((row,) * config.num_layers, **common)
+
+
+def paper_row(config: ModelConfig, groups: int, routing: str) -> tuple[bool, ...]:
+    """A layer's retrieval heads: the query heads of the first `groups` KV groups ("kv"), or
+    as many query heads spread one per group in turn ("query": every group they touch keeps
+    its full cache, and its other heads are local heads over it)."""
+    count = groups * config.group_size
+    if routing == "kv":
+        heads = set(range(count))
+    else:
+        kv = config.num_kv_heads
+        heads = {(i % kv) * config.group_size + i // kv for i in range(count)}
+    return tuple(h in heads for h in range(config.num_heads))
 
 
 def random_indexer(config: ModelConfig, sparse: SparseConfig | None) -> Any:
@@ -194,7 +209,8 @@ def prefill_row(params: Any, config: ModelConfig, design: str, length: int,
                          sparse=sparse))
     row = {"bench": "model_prefill", "design": design, "length": length, "batch": 1,
            "kv_bytes": kv_cache_bytes(config, sparse, 1, length, args.dtype)["total"],
-           "density": None if sparse is None else args.density, "note": None}
+           "density": None if sparse is None else args.density,
+           "routing": args.routing if design == "paper" else None, "note": None}
     row["note"] = too_big(params, row["kv_bytes"])
     if row["note"]:
         return row | {"ms": None, "peak_bytes": None}
@@ -218,7 +234,8 @@ def decode_row(params: Any, config: ModelConfig, design: str, length: int, batch
     row = {"bench": "model_decode", "design": design, "length": length, "batch": batch,
            "kv_bytes": kv_cache_bytes(config, sparse, batch, length + args.decode_steps,
                                       args.dtype)["total"],
-           "density": None if sparse is None else args.density, "note": None}
+           "density": None if sparse is None else args.density,
+           "routing": args.routing if design == "paper" else None, "note": None}
     step = jax.jit(partial(gen.decode_step, config=config, backend=args.backend, sparse=sparse),
                    donate_argnums=(1,))
     tokens = jnp.zeros((batch,), jnp.int32)
@@ -292,10 +309,11 @@ def attach_dense(rows: list[dict[str, Any]]) -> None:
 
 def merge_rows(earlier: list[dict[str, Any]], new: list[dict[str, Any]]
                ) -> list[dict[str, Any]]:
-    """The rows of earlier runs with this run's (a row of the same bench, design, length and
-    batch replaced by the new one), extrapolations and speedups computed again over all."""
+    """The rows of earlier runs with this run's (a row of the same bench, design, routing,
+    length and batch replaced by the new one), extrapolations and speedups computed again over
+    all."""
     def key(r):
-        return r["bench"], r["design"], r["length"], r["batch"]
+        return r["bench"], r["design"], r.get("routing"), r["length"], r["batch"]
 
     replaced = {key(r) for r in new}
     rows = [dict(r) for r in earlier if key(r) not in replaced] + [dict(r) for r in new]
@@ -331,6 +349,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="default: the config's")
     p.add_argument("--density", type=float, default=0.1)
     p.add_argument("--retrieval-groups", type=int, default=1)
+    p.add_argument("--routing", choices=ROUTINGS, default="kv",
+                   help="paper design: retrieval heads as whole KV groups or spread query heads")
     p.add_argument("--window", type=int, default=8192)
     p.add_argument("--prefill-chunk", type=int, default=None)
     p.add_argument("--append", action="store_true",

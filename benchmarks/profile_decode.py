@@ -6,7 +6,7 @@ Run from the repository root on a GPU:
     PYTHONPATH=. python3 benchmarks/profile_decode.py --length 131072 --batch 1
 
     options: --designs dense,paper,indexer  --length TOKENS  --batch ROWS  --steps 5
-             --top 40  --out-dir DIR (default benchmarks/results)
+             --top 40  --routing kv|query  --out-dir DIR (default benchmarks/results)
 
 Smoke run (CPU, a tiny random model, < 60 s): `--smoke`. Off a GPU the kernels are XLA's CPU
 operations, found by their instruction names.
@@ -151,6 +151,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--density", type=float, default=0.1)
     p.add_argument("--retrieval-groups", type=int, default=1)
+    p.add_argument("--routing", choices=bench_model.ROUTINGS, default="kv")
     p.add_argument("--window", type=int, default=8192)
     args = p.parse_args(argv)
     unknown = set(args.designs) - set(bench_model.DESIGNS)
