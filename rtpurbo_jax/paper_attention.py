@@ -393,33 +393,31 @@ def local_decode(qkv: QKV, cache: dict[str, jax.Array], new_lengths: jax.Array, 
     if mixed:
         # Only query-head routing makes these: local heads whose group keeps its full cache.
         at = head_kv_layout(mixed, gs, sparse.full_groups(layer))
-        k, v, key_positions = sink_window_keys(cache["k"], cache["v"], new_lengths, sparse)
-        pieces.append((mixed, dense_attention_reference(
-            take_heads(qkv.q, np.asarray(mixed, np.int32)), take_heads(k, at), take_heads(v, at),
-            (new_lengths - 1)[:, None], new_lengths, sliding_window=sparse.window,
-            sink_tokens=sparse.sink_tokens, key_positions=key_positions)))
+        k, v, visible = sink_window_keys(cache["k"], cache["v"], new_lengths, sparse)
+        pieces.append((mixed, dense_decode(take_heads(qkv.q, np.asarray(mixed, np.int32)),
+                                           take_heads(k, at), take_heads(v, at), visible,
+                                           backend=backend)))
     return pieces
 
 
 def sink_window_keys(k: jax.Array, v: jax.Array, lengths: jax.Array, sparse: SparseConfig
-                     ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """What a sinks + window query at position lengths[b] - 1 can see of a full cache
-    k, v: [b, max_len, groups, d]: the first sink_tokens positions and `window` positions from
-    max(lengths[b] - window, sink_tokens), with their positions [b, sink_tokens + window] (the
-    attention masks the unfilled ones). A cache no longer than that is returned whole, with
-    positions None. Reading the span instead of the cache keeps a step O(window)."""
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What a sinks + window query at position lengths[b] - 1 sees of a full cache
+    k, v: [b, max_len, groups, d], as a prefix: the first sink_tokens positions, then `window`
+    positions from max(lengths[b] - window, sink_tokens) (a cache no longer than that: the
+    cache), and how many leading keys of that are visible [b]. The query then attends a plain
+    prefix (cuDNN with key lengths on a GPU), and a step reads O(window), not the cache."""
     sink, window = sparse.sink_tokens, sparse.window
-    if k.shape[1] <= sink + window:
-        return k, v, None
+    if k.shape[1] <= sink + window:  # every filled position is then a sink or in the window
+        return k, v, lengths
     start = jnp.clip(lengths - window, sink, k.shape[1] - window)
-    positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(sink), (k.shape[0], sink)),
-                                 start[:, None] + jnp.arange(window)], axis=1)
+    visible = jnp.minimum(lengths, sink) + jnp.maximum(lengths - start, 0)
 
     def cut(x: jax.Array) -> jax.Array:
         span = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, window, axis=0))
         return jnp.concatenate([x[:, :sink], span(x, start)], axis=1)
 
-    return cut(k), cut(v), positions
+    return cut(k), cut(v), visible
 
 
 def layer_decode(qkv: QKV, layer_cache: dict[str, jax.Array], lengths: jax.Array, layer: int,

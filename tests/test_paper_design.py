@@ -138,20 +138,20 @@ def test_decode_over_the_ring_equals_the_masked_forward(model, mask):
 
 @pytest.mark.parametrize("sink_tokens", [4, 0])
 def test_sink_window_keys_attend_as_the_whole_cache(sink_tokens):
-    """A local head of a full group decodes over the sinks and window cut from the cache as over
-    the whole cache masked: rows shorter than the window, at its edge, and far past it."""
+    """A local head of a full group decodes over a prefix of the sinks and window cut from the
+    cache as over the whole cache masked: rows shorter than the sinks and the window, at its
+    edge, and far past it."""
     sparse = _paper(HEAD_ROUTED, sink_tokens=sink_tokens)  # window 32
     rng = np.random.default_rng(3)
     lengths = jnp.asarray([1, 3, 30, 36, 37, 90, 150], jnp.int32)
     b, max_len = lengths.shape[0], 150
     q = jnp.asarray(rng.normal(size=(b, 1, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(b, max_len, 2, 8)), jnp.float32) for _ in range(2))
-    cut_k, cut_v, positions = sink_window_keys(k, v, lengths, sparse)
+    cut_k, cut_v, visible = sink_window_keys(k, v, lengths, sparse)
     assert cut_k.shape[1] == sink_tokens + 32
-    common = dict(sliding_window=32, sink_tokens=sink_tokens)
-    got = dense_attention_reference(q, cut_k, cut_v, (lengths - 1)[:, None], lengths,
-                                    key_positions=positions, **common)
-    want = dense_attention_reference(q, k, v, (lengths - 1)[:, None], lengths, **common)
+    got = dense_attention_reference(q, cut_k, cut_v, (visible - 1)[:, None], visible)
+    want = dense_attention_reference(q, k, v, (lengths - 1)[:, None], lengths,
+                                     sliding_window=32, sink_tokens=sink_tokens)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
