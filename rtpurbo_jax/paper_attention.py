@@ -59,14 +59,19 @@ TRAIN_Q_CHUNK = 256
 
 def head_kv_layout(heads: tuple[int, ...], group_size: int, groups: tuple[int, ...]
                    ) -> np.ndarray:
-    """Where the K/V of each of `heads` sit among `groups` (KV heads in cache order), or, when the
-    heads are exactly the query heads of `groups` (whole GQA groups), the identity over groups.
+    """Where the K/V of `heads` (ascending query heads) sit among `groups` (KV heads in cache
+    order), as the KV index list to take.
 
-    Returns the KV index list to take: len(groups) entries (GQA) or len(heads) entries (one KV
-    head per query head).
+    When the heads fill the groups they touch equally (n heads in each: whole GQA groups, or
+    e.g. the two local heads of each group whose third is a retrieval head), one KV head per
+    touched group: GQA with n query heads per KV head, and no copy when they touch every one
+    of `groups`. Otherwise one KV head per query head (len(heads) entries), a copy of those
+    heads' K/V.
     """
-    if np.array_equal(query_heads(groups, group_size), np.asarray(heads, np.int32)):
-        return np.arange(len(groups), dtype=np.int32)
+    touched = sorted({h // group_size for h in heads})
+    per_group = {g: sum(h // group_size == g for h in heads) for g in touched}
+    if len(set(per_group.values())) == 1:
+        return np.asarray([groups.index(g) for g in touched], np.int32)
     return np.asarray([groups.index(h // group_size) for h in heads], np.int32)
 
 
@@ -362,7 +367,7 @@ def retrieval_decode(qkv: QKV, cache: dict[str, jax.Array], new_lengths: jax.Arr
     own = blocks_to_mask(indices[:, :, 0], counts[:, :, 0], num_blocks)  # [b, R, nk]
     lists, sizes = mask_to_blocks(group_union(own, per_head, len(full)))  # [b, F, nk]
     at = head_kv_layout(retrieval, gs, full)
-    if len(at) != len(full):  # not whole groups: one KV head (and list) per query head
+    if len(at) != len(full):  # unequal shares of groups: one KV head (and list) per query head
         lists, sizes = lists[:, per_head], sizes[:, per_head]
     args = (take_heads(qkv.q, heads)[:, 0], take_heads(cache["k"], at),
             take_heads(cache["v"], at), lists, sizes, new_lengths)

@@ -3,6 +3,7 @@ retrieval heads dense in prefill and top-p sparse in decode through a pre-RoPE i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -19,7 +20,12 @@ from rtpurbo_jax.config import ConfigError, SparseConfig
 from rtpurbo_jax.dense import dense_attention_reference
 from rtpurbo_jax.indexer import init_indexer
 from rtpurbo_jax.model import QKV
-from rtpurbo_jax.paper_attention import blocks_to_mask, mask_to_blocks, sink_window_keys
+from rtpurbo_jax.paper_attention import (
+    blocks_to_mask,
+    head_kv_layout,
+    mask_to_blocks,
+    sink_window_keys,
+)
 from rtpurbo_jax.selection import select_decode
 from tests.tiny import TINY, tiny_model
 
@@ -234,6 +240,62 @@ def test_paper_pallas_path_matches_reference(model, mask):
     assert _err(ref(ROWS), fast(ROWS)) <= TOL
     np.testing.assert_array_equal(fast.generate(ROWS, 4, eos_token_id=()),
                                   ref.generate(ROWS, 4, eos_token_id=()))
+
+
+# Three query heads per KV group: local (or retrieval) heads that fill the groups they touch
+# equally, but not wholly, go through GQA shapes (head_kv_layout); uneven ones one KV head each.
+TINY_GS3 = dataclasses.replace(TINY, num_heads=6)
+GS3_MASKS = {
+    "1_retrieval_per_group": ((True, False, False, False, True, False), (False,) * 6),
+    "2_retrieval_per_group": ((True, True, False, True, False, True), (False, True, False) * 2),
+    "uneven": ((True, True, False, False, False, True), (True, False, False) + (False,) * 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GS3_MASKS))
+def test_partly_routed_groups_decode_as_the_masked_forward(name):
+    """Prefill + decode steps give the forward pass's logits when a group holds both kinds of
+    heads in every mix, at three query heads per group (top-p 1 for the retrieval heads)."""
+    gs3 = tiny_model(config=TINY_GS3)
+    sparse = SparseConfig(GS3_MASKS[name], design="paper", group_size=3, rank=4, block_q=16,
+                          block_k=16, sink_tokens=4, window=32, local_blocks=1, top_p=1.0)
+    rng = np.random.default_rng(1)
+    queries = [rng.normal(size=(64, 6, TINY.head_dim)) for _ in range(2)]
+    indexer = init_indexer(queries, TINY_GS3, sparse)
+    tokens, lengths = right_pad(ROWS)
+    logits, cache, _ = gen.prefill(gs3.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                   TINY_GS3, 200, "reference", sparse, indexer)
+    for s in range(len(STEPS[0])):
+        logits, cache, _ = gen.decode_step(gs3.params, cache, jnp.asarray([r[s] for r in STEPS]),
+                                           TINY_GS3, "reference", sparse, indexer)
+    sparse_model = gs3.with_sparse(sparse, indexer)
+    for b, row in enumerate(ROWS):
+        expected = np.asarray(sparse_model([row + STEPS[b]]))[0, -1]
+        assert _err(expected, logits[b]) <= TOL
+
+
+def test_partly_routed_groups_through_the_kernels_match_the_reference():
+    """Two retrieval and one local head per group: the Pallas kernels (interpreted) take them
+    as GQA with two query heads per KV head, and give the reference's logits."""
+    gs3 = tiny_model(config=TINY_GS3)
+    sparse = SparseConfig(GS3_MASKS["2_retrieval_per_group"], design="paper", group_size=3,
+                          rank=4, block_q=16, block_k=16, sink_tokens=4, window=32,
+                          local_blocks=1, top_p=0.8)
+    rng = np.random.default_rng(2)
+    indexer = init_indexer([rng.normal(size=(64, 6, TINY.head_dim)) for _ in range(2)],
+                           TINY_GS3, sparse)
+    ref = gs3.with_sparse(sparse, indexer)
+    fast = SparseModel(TINY_GS3, gs3.params, backend="pallas", sparse=sparse, indexer=indexer)
+    assert _err(ref(ROWS), fast(ROWS)) <= TOL
+    np.testing.assert_array_equal(fast.generate(ROWS, 3, eos_token_id=()),
+                                  ref.generate(ROWS, 3, eos_token_id=()))
+
+
+def test_head_kv_layout_is_gqa_for_equal_shares_of_groups():
+    assert head_kv_layout((0, 1, 2, 3, 4, 5), 3, (0, 1)).tolist() == [0, 1]  # whole groups
+    assert head_kv_layout((1, 2, 4, 5), 3, (0, 1)).tolist() == [0, 1]  # two of each group
+    assert head_kv_layout((4, 5), 3, (0, 1)).tolist() == [1]  # one group of two
+    assert head_kv_layout((0, 1, 5), 3, (0, 1)).tolist() == [0, 0, 1]  # 2 + 1: one per head
 
 
 def test_checkpoints_of_both_designs_round_trip(model, tmp_path):
