@@ -9,13 +9,15 @@ Query heads are split once: retrieval heads R and local heads L (`SparseConfig.r
               newest blocks forced; the heads of one KV group then attend the union of their
               sets, so each selected block is read once for the group (the paper's memory
               sparsity is this union; attending it gives each head at least its own top-p mass);
-           L: sinks + window again, over a ring buffer when the whole group is local.
+           L: sinks + window again, over a ring buffer when the whole group is local, else
+              over the sinks and window cut from the group's full cache.
 A KV group keeps its full cache when any of its query heads is a retrieval head ("full"
 groups); otherwise only sinks + window ("window" groups, a ring buffer, cache.py).
 
-When a head set is not made of whole GQA groups (query-head routing), its K/V are gathered per
-query head (one KV head per query head), which costs a copy of those heads' K/V; with KV-group
-routing no copy is made. Statistics are token counts summed over rows and all query heads:
+A head set that takes the same number of heads from each group it touches (whole groups, or
+e.g. one retrieval head per group) runs as GQA over those groups (`head_kv_layout`); an uneven
+one (query-head routing can make them) has its K/V gathered per query head, a copy of those
+heads' K/V. Statistics are token counts summed over rows and all query heads:
 [attended keys, causal keys].
 """
 
