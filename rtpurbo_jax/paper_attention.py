@@ -23,6 +23,7 @@ heads' K/V. Statistics are token counts summed over rows and all query heads:
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any
 
@@ -70,10 +71,9 @@ def head_kv_layout(heads: tuple[int, ...], group_size: int, groups: tuple[int, .
     of `groups`. Otherwise one KV head per query head (len(heads) entries), a copy of those
     heads' K/V.
     """
-    touched = sorted({h // group_size for h in heads})
-    per_group = {g: sum(h // group_size == g for h in heads) for g in touched}
+    per_group = collections.Counter(h // group_size for h in heads)
     if len(set(per_group.values())) == 1:
-        return np.asarray([groups.index(g) for g in touched], np.int32)
+        return np.asarray([groups.index(g) for g in sorted(per_group)], np.int32)
     return np.asarray([groups.index(h // group_size) for h in heads], np.int32)
 
 
