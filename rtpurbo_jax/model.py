@@ -153,25 +153,26 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
-def _project_rows(h: jax.Array, w: jax.Array) -> jax.Array:
-    """h: [batch, seq, embed] @ w: [embed, heads, head_dim] -> [batch, seq, heads, head_dim].
+def _project_rows(h: jax.Array, weights: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """h: [batch, seq, embed] @ each w: [embed, heads, head_dim] -> [batch, seq, heads, head_dim].
 
-    A single row (batch-1 decode) goes through the GEMM with a zero second row: XLA's GPU
+    A single row (batch-1 decode) goes through the GEMMs with a zero second row: XLA's GPU
     compiler rewrites a vector-matrix product under 10M weight entries (the K and V projections
     of an 8B model) as a multiply and a reduction, which on the H100 wrote the bf16 products of
     K and V as weight-sized arrays and read them back (0.9 ms of an 11 ms step at 128K, and
     products rounded to bf16 before the sum).
     """
-    if h.shape[0] * h.shape[1] != 1:
-        return jnp.einsum("bse,ehd->bshd", h, w)
-    return jnp.einsum("bse,ehd->bshd", jnp.pad(h, ((0, 0), (0, 1), (0, 0))), w)[:, :1]
+    rows = h.shape[1]
+    if h.shape[0] * rows == 1:
+        h = jnp.pad(h, ((0, 0), (0, 1), (0, 0)))
+    return tuple(jnp.einsum("bse,ehd->bshd", h, w)[:, :rows] for w in weights)
 
 
 def project_qkv(
     layer: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, config: ModelConfig
 ) -> QKV:
     """Projects h: [batch, seq, embed] to q, k, v, rotated and before RoPE (see QKV)."""
-    q, k, v = (_project_rows(h, layer[w]) for w in ("wq", "wk", "wv"))
+    q, k, v = _project_rows(h, (layer["wq"], layer["wk"], layer["wv"]))
     if config.qkv_bias:
         q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
     if config.qk_norm:
