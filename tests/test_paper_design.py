@@ -56,10 +56,24 @@ def model():
     return tiny_model()
 
 
-def _indexer(sparse: SparseConfig, seed: int = 0):
+def _indexer(sparse: SparseConfig, seed: int = 0, config=TINY):
     rng = np.random.default_rng(seed)
-    queries = [rng.normal(size=(64, TINY.num_heads, TINY.head_dim)) for _ in range(2)]
-    return init_indexer(queries, TINY, sparse)
+    queries = [rng.normal(size=(64, config.num_heads, config.head_dim)) for _ in range(2)]
+    return init_indexer(queries, config, sparse)
+
+
+def _assert_decode_matches_forward(model, sparse: SparseConfig, indexer) -> None:
+    """Prefill of ROWS then decode of STEPS give the last logits of one forward pass."""
+    tokens, lengths = right_pad(ROWS)
+    logits, cache, _ = gen.prefill(model.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                   model.config, 200, "reference", sparse, indexer)
+    for s in range(len(STEPS[0])):
+        logits, cache, _ = gen.decode_step(model.params, cache, jnp.asarray([r[s] for r in STEPS]),
+                                           model.config, "reference", sparse, indexer)
+    sparse_model = model.with_sparse(sparse, indexer)
+    for b, row in enumerate(ROWS):
+        expected = np.asarray(sparse_model([row + STEPS[b]]))[0, -1]
+        assert _err(expected, logits[b]) <= TOL
 
 
 def _naive_local_mask(t: int, lengths: np.ndarray, sink: int, window: int) -> np.ndarray:
@@ -129,17 +143,7 @@ def test_decode_over_the_ring_equals_the_masked_forward(model, mask):
     """Prefill + decode steps (ring buffers, top-p 1 for the retrieval heads) give the logits of
     one forward pass over the whole sequence with the same masks."""
     sparse = _paper(mask, top_p=1.0)
-    indexer = _indexer(sparse)
-    tokens, lengths = right_pad(ROWS)
-    logits, cache, _ = gen.prefill(model.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                   TINY, 200, "reference", sparse, indexer)
-    for s in range(len(STEPS[0])):
-        logits, cache, _ = gen.decode_step(model.params, cache, jnp.asarray([r[s] for r in STEPS]),
-                                           TINY, "reference", sparse, indexer)
-    sparse_model = model.with_sparse(sparse, indexer)
-    for b, row in enumerate(ROWS):
-        expected = np.asarray(sparse_model([row + STEPS[b]]))[0, -1]
-        assert _err(expected, logits[b]) <= TOL
+    _assert_decode_matches_forward(model, sparse, _indexer(sparse))
 
 
 @pytest.mark.parametrize("sink_tokens", [4, 0])
@@ -256,34 +260,17 @@ GS3_MASKS = {
 def test_partly_routed_groups_decode_as_the_masked_forward(name):
     """Prefill + decode steps give the forward pass's logits when a group holds both kinds of
     heads in every mix, at three query heads per group (top-p 1 for the retrieval heads)."""
-    gs3 = tiny_model(config=TINY_GS3)
-    sparse = SparseConfig(GS3_MASKS[name], design="paper", group_size=3, rank=4, block_q=16,
-                          block_k=16, sink_tokens=4, window=32, local_blocks=1, top_p=1.0)
-    rng = np.random.default_rng(1)
-    queries = [rng.normal(size=(64, 6, TINY.head_dim)) for _ in range(2)]
-    indexer = init_indexer(queries, TINY_GS3, sparse)
-    tokens, lengths = right_pad(ROWS)
-    logits, cache, _ = gen.prefill(gs3.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                   TINY_GS3, 200, "reference", sparse, indexer)
-    for s in range(len(STEPS[0])):
-        logits, cache, _ = gen.decode_step(gs3.params, cache, jnp.asarray([r[s] for r in STEPS]),
-                                           TINY_GS3, "reference", sparse, indexer)
-    sparse_model = gs3.with_sparse(sparse, indexer)
-    for b, row in enumerate(ROWS):
-        expected = np.asarray(sparse_model([row + STEPS[b]]))[0, -1]
-        assert _err(expected, logits[b]) <= TOL
+    sparse = _paper(GS3_MASKS[name], group_size=3, top_p=1.0)
+    _assert_decode_matches_forward(tiny_model(config=TINY_GS3), sparse,
+                                   _indexer(sparse, seed=1, config=TINY_GS3))
 
 
 def test_partly_routed_groups_through_the_kernels_match_the_reference():
     """Two retrieval and one local head per group: the Pallas kernels (interpreted) take them
     as GQA with two query heads per KV head, and give the reference's logits."""
     gs3 = tiny_model(config=TINY_GS3)
-    sparse = SparseConfig(GS3_MASKS["2_retrieval_per_group"], design="paper", group_size=3,
-                          rank=4, block_q=16, block_k=16, sink_tokens=4, window=32,
-                          local_blocks=1, top_p=0.8)
-    rng = np.random.default_rng(2)
-    indexer = init_indexer([rng.normal(size=(64, 6, TINY.head_dim)) for _ in range(2)],
-                           TINY_GS3, sparse)
+    sparse = _paper(GS3_MASKS["2_retrieval_per_group"], group_size=3, top_p=0.8)
+    indexer = _indexer(sparse, seed=2, config=TINY_GS3)
     ref = gs3.with_sparse(sparse, indexer)
     fast = SparseModel(TINY_GS3, gs3.params, backend="pallas", sparse=sparse, indexer=indexer)
     assert _err(ref(ROWS), fast(ROWS)) <= TOL
