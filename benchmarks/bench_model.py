@@ -335,6 +335,25 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{r['kv_bytes'] / 2**30:7.2f}  {r['note'] or ''}")
 
 
+def add_design_args(p: argparse.ArgumentParser) -> None:
+    """The designs to run and how their sparse configs are made (`sparse_config`)."""
+    p.add_argument("--designs", type=lambda s: s.split(","), default=list(DESIGNS))
+    p.add_argument("--density", type=float, default=0.1)
+    p.add_argument("--retrieval-groups", type=int, default=1)
+    p.add_argument("--routing", choices=ROUTINGS, default="kv",
+                   help="paper design: retrieval heads as whole KV groups or spread query heads")
+    p.add_argument("--window", type=int, default=8192)
+
+
+def finish_design_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks --designs; sets the weights' dtype and the attention backend of this device."""
+    unknown = set(args.designs) - set(DESIGNS)
+    if unknown:
+        p.error(f"unknown designs {sorted(unknown)}: choose from {DESIGNS}")
+    args.dtype = jnp.bfloat16
+    args.backend = "auto" if jax.default_backend() == "gpu" else "reference"
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     def ints(s):
         return [int(x) for x in s.split(",") if x]
@@ -343,15 +362,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="a tiny random model on CPU")
     p.add_argument("--out-dir", default=None,
                    help="default benchmarks/results (--smoke: a fresh temp dir)")
-    p.add_argument("--designs", type=lambda s: s.split(","), default=list(DESIGNS))
+    add_design_args(p)
     p.add_argument("--lengths", type=ints, default=[131072])
     p.add_argument("--decode-batches", type=ints, default=[1, 16])
     p.add_argument("--layers", type=int, default=None, help="default: the config's")
-    p.add_argument("--density", type=float, default=0.1)
-    p.add_argument("--retrieval-groups", type=int, default=1)
-    p.add_argument("--routing", choices=ROUTINGS, default="kv",
-                   help="paper design: retrieval heads as whole KV groups or spread query heads")
-    p.add_argument("--window", type=int, default=8192)
     p.add_argument("--prefill-chunk", type=int, default=None)
     p.add_argument("--append", action="store_true",
                    help="add to OUT_DIR's file for this device (same rows replaced), so one "
@@ -361,16 +375,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--skip", type=lambda s: s.split(","), default=[],
                    help="sections to leave out: prefill, decode")
     args = p.parse_args(argv)
-    unknown = set(args.designs) - set(DESIGNS)
-    if unknown:
-        p.error(f"unknown designs {sorted(unknown)}: choose from {DESIGNS}")
+    finish_design_args(p, args)
     if args.smoke:
         args.lengths, args.decode_batches = SMOKE["lengths"], SMOKE["decode_batches"]
         args.window, args.decode_steps, args.prefill_runs = (
             SMOKE["window"], SMOKE["decode_steps"], 1)
         args.prefill_chunk = args.prefill_chunk or SMOKE["prefill_chunk"]
-    args.dtype = jnp.bfloat16
-    args.backend = "auto" if jax.default_backend() == "gpu" else "reference"
     if args.out_dir is None:
         args.out_dir = (tempfile.mkdtemp(prefix="bench_model_") if args.smoke
                         else "benchmarks/results")

@@ -144,24 +144,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="a tiny random model on CPU")
     p.add_argument("--out-dir", default=None, help="default: benchmarks/results")
-    p.add_argument("--designs", type=lambda s: s.split(","), default=list(bench_model.DESIGNS))
+    bench_model.add_design_args(p)
     p.add_argument("--length", type=int, default=131072)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=40)
-    p.add_argument("--density", type=float, default=0.1)
-    p.add_argument("--retrieval-groups", type=int, default=1)
-    p.add_argument("--routing", choices=bench_model.ROUTINGS, default="kv")
-    p.add_argument("--window", type=int, default=8192)
     args = p.parse_args(argv)
-    unknown = set(args.designs) - set(bench_model.DESIGNS)
-    if unknown:
-        p.error(f"unknown designs {sorted(unknown)}: choose from {bench_model.DESIGNS}")
+    bench_model.finish_design_args(p, args)
     args.layers = None
     if args.smoke:
         args.length, args.window, args.steps = SMOKE_LENGTH, bench_model.SMOKE["window"], 2
-    args.dtype = jnp.bfloat16
-    args.backend = "auto" if jax.default_backend() == "gpu" else "reference"
     if args.out_dir is None:
         args.out_dir = (tempfile.mkdtemp(prefix="profile_decode_") if args.smoke
                         else "benchmarks/results")
